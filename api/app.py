@@ -1,0 +1,168 @@
+"""The engine's HTTP API (FastAPI): signed requests in, signed answers out.
+
+Every ``/v1`` request must carry an RFC 9421 signature by an enrolled terminal (ed25519,
+covering ``@method``, ``@target-uri`` and ``content-digest``, with ``created`` and a nonce);
+the nonce is claimed once in the single-use store. Every answer — success or RFC 9457 problem —
+is signed by the engine's key and bound to the request it answers, so a terminal can trust it.
+Handlers run the (synchronous) services in a worker thread; nothing blocks the event loop.
+
+Routes (NHSA transaction codes in brackets):
+
+* ``POST /v1/settlements/presettle`` [2206/2303] — the split, nothing moves
+* ``POST /v1/settlements`` [2207/2304] — settle; idempotent by (clinic, mdtrt_id, chrg_bchno)
+* ``GET  /v1/settlements?msgid=…`` [5203] — what a message settled (answer lost)
+* ``GET  /v1/settlements/{setl_id}`` [5203]
+* ``POST /v1/settlements/{setl_id}/cancel`` [2208/2305]
+* ``POST /v1/settlements/{setl_id}/refund`` — partial refund (cancel + re-split)
+* ``POST /v1/payments`` — merchant card / QR payment
+* ``POST /v1/recharges`` — wallet recharge through a channel
+* ``POST /v1/batches/close`` — the terminal's batch close
+* ``GET  /v1/cards/{pan}`` — card status and wallet balance
+* ``GET  /healthz`` — unsigned liveness
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from api.bootstrap import Container
+from api.errors import PROBLEM_MEDIA_TYPE, from_domain, plain_problem_response, problem, problem_body
+from api.settings import BODY_BYTES_MAX, CLOCK_SKEW_S_MAX, SIGNATURE_AGE_S_MAX
+from card.accounts import wallet_account
+from ledger.errors import DomainError
+from settlement.service import TerminalContext
+from terminals.nonce import NonceStoreError
+from terminals.signing import SignatureError, sign_response, verify_request
+
+
+def create_app(container: Container) -> FastAPI:
+    """The FastAPI application over a bootstrapped :class:`Container`."""
+    app = FastAPI(title="Citizen-card payment and medical settlement engine", version="0.1.0",
+                  docs_url="/docs", redoc_url=None)
+    app.state.container = container
+    keys = container.keys
+
+    def signed_response(request: Request, status: int, body: bytes, media_type: str) -> Response:
+        headers = {"content-type": media_type}
+        headers.update(sign_response(status, headers, body, key_id=keys.engine_key_id,
+                                     private_key=keys.engine_key, created=int(time.time()),
+                                     request_method=request.method, request_url=_url(request),
+                                     request_headers=dict(request.headers)))
+        return Response(body, status_code=status, headers=headers)
+
+    def _url(request: Request) -> str:
+        origin = container.settings.public_origin
+        if origin:
+            query = ("?" + request.url.query) if request.url.query else ""
+            return origin.rstrip("/") + request.url.path + query
+        return str(request.url)
+
+    async def handle(request: Request, work: Callable[[TerminalContext, Any], Any], *,
+                     status: int = 200, json_body: bool = True) -> Response:
+        body = await request.body()
+        if len(body) > BODY_BYTES_MAX:
+            return plain_problem_response(problem(413, "body_too_large", "Request too large",
+                                                  f"the body is over {BODY_BYTES_MAX} bytes"))
+        ctx_holder: dict = {}
+
+        def resolve(key_id: str):
+            hit = container.registry.lookup(key_id)
+            if hit is None:
+                return None
+            ctx_holder["ctx"] = hit[1]
+            return hit[0]
+
+        try:
+            await run_in_threadpool(
+                verify_request, request.method, _url(request), request.headers, body,
+                resolve_public_key=resolve, nonce_store=container.nonce_store, now=int(time.time()),
+                max_age_s=SIGNATURE_AGE_S_MAX, max_skew_s=CLOCK_SKEW_S_MAX)
+        except SignatureError as exc:
+            doc = problem(401, exc.code, "Unauthenticated", str(exc), instance=request.url.path)
+            return signed_response(request, 401, problem_body(doc), PROBLEM_MEDIA_TYPE)
+        except NonceStoreError as exc:
+            doc = problem(503, "nonce_store_unavailable", "Service unavailable", str(exc))
+            return signed_response(request, 503, problem_body(doc), PROBLEM_MEDIA_TYPE)
+        payload: Any = None
+        if json_body:
+            try:
+                payload = json.loads(body or b"null", parse_float=_refuse_float, parse_constant=_refuse_float)
+            except (ValueError, UnicodeDecodeError) as exc:
+                doc = problem(400, "malformed_json", "Malformed JSON", f"the body is not valid JSON: {exc}",
+                              instance=request.url.path)
+                return signed_response(request, 400, problem_body(doc), PROBLEM_MEDIA_TYPE)
+        try:
+            result = await run_in_threadpool(work, ctx_holder["ctx"], payload)
+        except DomainError as exc:
+            doc = from_domain(exc, request)
+            return signed_response(request, exc.status, problem_body(doc), PROBLEM_MEDIA_TYPE)
+        code = status
+        if isinstance(result, dict) and result.get("replayed"):
+            code = 200
+        return signed_response(request, code, json.dumps(result, ensure_ascii=False, default=str).encode(),
+                               "application/json")
+
+    s = container.settlements
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/settlements/presettle")
+    async def presettle(request: Request) -> Response:
+        return await handle(request, s.presettle)
+
+    @app.post("/v1/settlements")
+    async def settle(request: Request) -> Response:
+        return await handle(request, s.settle, status=201)
+
+    @app.get("/v1/settlements")
+    async def query(request: Request, msgid: str = "") -> Response:
+        return await handle(request, lambda ctx, _p: s.query_by_msgid(ctx, msgid), json_body=False)
+
+    @app.get("/v1/settlements/{setl_id}")
+    async def get_settlement(request: Request, setl_id: str) -> Response:
+        return await handle(request, lambda ctx, _p: s.get(ctx, setl_id), json_body=False)
+
+    @app.post("/v1/settlements/{setl_id}/cancel")
+    async def cancel(request: Request, setl_id: str) -> Response:
+        return await handle(request, lambda ctx, p: s.cancel(ctx, setl_id, p), status=201)
+
+    @app.post("/v1/settlements/{setl_id}/refund")
+    async def refund(request: Request, setl_id: str) -> Response:
+        return await handle(request, lambda ctx, p: s.refund(ctx, setl_id, p), status=201)
+
+    @app.post("/v1/payments")
+    async def pay(request: Request) -> Response:
+        return await handle(request, container.wallet.pay, status=201)
+
+    @app.post("/v1/recharges")
+    async def recharge(request: Request) -> Response:
+        return await handle(request, container.wallet.recharge, status=201)
+
+    @app.post("/v1/batches/close")
+    async def close_batch(request: Request) -> Response:
+        return await handle(request, container.closer.close_batch)
+
+    @app.get("/v1/cards/{pan}")
+    async def card(request: Request, pan: str) -> Response:
+        def work(_ctx, _p):
+            row = container.cards.card(pan)
+            bal = container.ledger.balance(wallet_account(pan))
+            return {"pan": pan, "status": row.status, "form": row.form, "wallet_available_fen": bal.available,
+                    "wallet_posted_fen": bal.net_posted}
+        return await handle(request, work, json_body=False)
+
+    return app
+
+
+def _refuse_float(text: str):
+    """JSON numbers with a fraction or exponent are refused: money is integer fen."""
+    raise ValueError(f"number {text} is not an integer (amounts are integer fen; prices are decimal strings)")

@@ -1,0 +1,115 @@
+"""Wiring: build the whole engine from one Settings object (Cosmic Python's ``bootstrap``).
+
+Nothing connects at import time; :func:`bootstrap` creates the database engine, runs the
+migrations, loads the keys, the policy book and the catalogue, and returns a :class:`Container`
+holding every service. ``Container.close()`` stops the group committer and the pools.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+import migrations
+from api.settings import GROUP_COMMIT_ENTRIES_MAX, GROUP_COMMIT_WAIT_MS_MAX, Keys, Settings
+from card.service import CardService
+from ledger.db import make_engine
+from ledger.errors import Invalid
+from ledger.store import Ledger
+from settlement.catalogue import Catalogue, CatalogueError, load_catalogue
+from settlement.days import BusinessDays
+from settlement.policy import PolicyBook, PolicyError, PolicyNotFound, load_builtin, load_policy_book
+from settlement.service import AccountCache, SettlementService
+from settlement.wallet import WalletService
+from terminals.close import DayCloser
+from terminals.nonce import make_nonce_store
+from terminals.registry import Registry
+
+
+def clock_us() -> int:
+    """The engine's wall clock in µs since the Unix epoch."""
+    return time.time_ns() // 1000
+
+
+@dataclass
+class Container:
+    """Every service of one engine instance."""
+
+    settings: Settings
+    engine: Engine
+    ledger: Ledger
+    keys: Keys
+    nonce_store: object
+    cards: CardService
+    settlements: SettlementService
+    wallet: WalletService
+    registry: Registry
+    days: BusinessDays
+    closer: DayCloser
+    accounts: AccountCache
+    committer: object | None = None
+
+    def close(self) -> None:
+        """Stop the group committer, close the nonce store and dispose of the pool."""
+        if self.committer is not None:
+            self.committer.close()
+        close = getattr(self.nonce_store, "close", None)
+        if close:
+            close()
+        self.engine.dispose()
+
+
+def load_policies(name_or_path: str) -> PolicyBook:
+    """A shipped policy book by name, or a TOML file by path. Raises Invalid with the reason."""
+    try:
+        if name_or_path.endswith(".toml") and Path(name_or_path).exists():
+            return load_policy_book(name_or_path)
+        return load_builtin(name_or_path)
+    except (PolicyError, PolicyNotFound) as exc:
+        raise Invalid("policy_invalid", str(exc)) from None
+
+
+def load_items(path: str) -> Catalogue:
+    """The insurer's catalogue file. Raises Invalid when missing or malformed."""
+    if not Path(path).exists():
+        raise Invalid("catalogue_missing", f"{path} does not exist; run `citizencard catalogue generate`")
+    try:
+        return load_catalogue(path)
+    except CatalogueError as exc:
+        raise Invalid("catalogue_invalid", str(exc)) from None
+
+
+def bootstrap(settings: Settings, *, clock=clock_us) -> Container:
+    """Build and migrate the engine described by ``settings``. Raises Invalid for bad settings."""
+    if settings.db_url.startswith("sqlite:///"):
+        Path(settings.db_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    keys = settings.load_keys()
+    policies = load_policies(settings.policy)
+    catalogue = load_items(settings.catalogue)
+    engine = make_engine(settings.db_url)
+    migrations.upgrade(engine)
+    ledger = Ledger(engine, clock_us=clock)
+    committer = None
+    submit = ledger.submit
+    if settings.group_commit:
+        try:
+            from ledger.groupcommit import GroupCommitter
+        except ImportError:  # pragma: no cover - before the group committer exists
+            GroupCommitter = None
+        if GroupCommitter is not None:
+            committer = GroupCommitter(ledger, batch_entries_max=GROUP_COMMIT_ENTRIES_MAX,
+                                       wait_ms_max=GROUP_COMMIT_WAIT_MS_MAX)
+            submit = committer.submit
+    nonce_store = make_nonce_store(settings.nonce_url)
+    accounts = AccountCache(ledger)
+    days = BusinessDays(engine, clock)
+    cards = CardService(engine, ledger, keys.issuer_mk, nonce_store, clock)
+    settlements = SettlementService(engine, ledger, submit, cards, policies, catalogue, days, accounts, clock)
+    wallet = WalletService(engine, submit, cards, days, accounts, clock)
+    registry = Registry(engine, clock)
+    closer = DayCloser(engine, ledger, submit, days, accounts, clock)
+    return Container(settings, engine, ledger, keys, nonce_store, cards, settlements, wallet, registry, days,
+                     closer, accounts, committer)

@@ -1,0 +1,233 @@
+"""``citizencard``: the command line (typer + rich).
+
+* ``citizencard day``     — set up a city, replay a day over signed HTTP, close it, report
+* ``citizencard serve``   — run the engine's HTTP API (uvicorn)
+* ``citizencard split``   — split a settlement vector file (policy, person state, bill) to JSON
+* ``citizencard ledger verify`` — recompute every balance and check the hash chain
+* ``citizencard catalogue generate`` — write the HIS simulator's catalogue
+* ``citizencard db upgrade`` — run the migrations
+
+Errors are one line on stderr (``error: code: detail``) with exit status 2 for bad input and 1
+for a failed check.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ledger.errors import DomainError
+from ledger.money import format_yuan
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Citizen-card payment and medical settlement engine.")
+ledger_app = typer.Typer(no_args_is_help=True, help="Ledger checks.")
+catalogue_app = typer.Typer(no_args_is_help=True, help="The item catalogue.")
+db_app = typer.Typer(no_args_is_help=True, help="Database maintenance.")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(catalogue_app, name="catalogue")
+app.add_typer(db_app, name="db")
+
+err = Console(stderr=True)
+DbOption = Annotated[Optional[str], typer.Option("--db", help="Database URL (sqlite:///… or postgresql://…).")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line on stderr and exit."""
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _settings(db: str | None, **extra):
+    from api.settings import Settings
+    return Settings.from_env(db_url=db, **extra)
+
+
+@app.command()
+def day(visits: Annotated[int, typer.Option(min=1, max=100_000, help="Clinic visits to settle.")] = 300,
+        cards: Annotated[int, typer.Option(min=1, max=100_000, help="Citizens with cards.")] = 120,
+        seed: Annotated[int, typer.Option(help="Seed of the synthetic city.")] = 1,
+        db: DbOption = None,
+        out: Annotated[Path, typer.Option(help="Folder for the day's report.")] = Path("var/report"),
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True) -> None:
+    """Replay a day of clinic visits and card payments, then close the day (the main job)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from api.bootstrap import bootstrap
+    from simulators.day import ensure_catalogue, run_day
+
+    settings = _settings(db, create_keys=True)
+    try:
+        ensure_catalogue(Path(settings.catalogue), seed=42)
+        container = bootstrap(settings)
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    console = Console()
+    try:
+        day_date = container.days.current()
+        console.print(f"business day [bold]{day_date}[/bold] on {settings.db_url} "
+                      f"(visits {visits}, cards {cards}, seed {seed})")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, disable=not progress) as bar:
+            report = run_day(container, visits=visits, cards=cards, seed=seed, out_dir=out, progress=bar)
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    finally:
+        container.close()
+    print_report(console, report, out)
+    if report["discrepancies"] or not report["trial_balance"]["balanced"]:
+        raise typer.Exit(1)
+
+
+def print_report(console: Console, report: dict, out: Path) -> None:
+    """The day's summary as readable tables."""
+    s = report["settlements"]
+    console.print(f"\n[bold]Day {report['business_date']} closed[/bold] (Asia/Shanghai); report in {out}/")
+    t = Table(title="Per clinic (net of cancellations; yuan)")
+    for col in ("clinic", "settled", "cancelled", "medfee", "fund", "personal acct", "wallet", "cash"):
+        t.add_column(col, justify="right" if col != "clinic" else "left")
+    for code, c in report["per_clinic"].items():
+        t.add_row(f"{code} {c['name']}", str(c["count"]), str(c["cancellations"]), format_yuan(c["medfee_sumamt"]),
+                  format_yuan(c["fund_pay_sumamt"]), format_yuan(c["acct_pay"]), format_yuan(c["wallet_pay"]),
+                  format_yuan(c["psn_cash_pay"] - c["wallet_pay"]))
+    console.print(t)
+    f = Table(title="Per payer (yuan)")
+    f.add_column("payer")
+    f.add_column("net paid", justify="right")
+    for name, amount in report["per_fund"].items():
+        f.add_row(name, format_yuan(amount))
+    console.print(f)
+    ch = Table(title="Recharges per channel (yuan)")
+    ch.add_column("channel")
+    ch.add_column("count", justify="right")
+    ch.add_column("amount", justify="right")
+    for code, c in report["per_channel"].items():
+        ch.add_row(f"{code} {c['name']}", str(c["count"]), format_yuan(c["amount_fen"]))
+    console.print(ch)
+    tb = report["trial_balance"]
+    console.print(f"settlements {s['count']} (cancellations {s['cancellations']}), medfee {format_yuan(s['medfee_sumamt'])}"
+                  f" yuan; payments {report['payments']['count']}; recharges {report['recharges']['count']}")
+    console.print(f"replay: {json.dumps(report.get('replay', {}), sort_keys=True)}")
+    console.print(f"trial balance: debits {format_yuan(tb['debits_fen'])} = credits {format_yuan(tb['credits_fen'])}"
+                  f" → {'[green]balanced[/green]' if tb['balanced'] else '[red]NOT balanced[/red]'}")
+    n = len(report["discrepancies"])
+    console.print(f"discrepancies: {'[green]none[/green]' if n == 0 else f'[red]{n}[/red]'}")
+    for d in report["discrepancies"][:20]:
+        console.print(f"  - {d['kind']}: {d['detail']}", highlight=False)
+    if report.get("synthetic_data"):
+        console.print(f"[dim]{report['synthetic_data']}[/dim]")
+
+
+@app.command()
+def serve(db: DbOption = None,
+          host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(min=1, max=65535)] = 8000) -> None:
+    """Run the engine's HTTP API under uvicorn (keys, policy and catalogue from the settings)."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.bootstrap import bootstrap
+
+    try:
+        container = bootstrap(_settings(db))
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    try:
+        uvicorn.run(create_app(container), host=host, port=port, log_level="info")
+    finally:
+        container.close()
+
+
+@app.command()
+def split(file: Annotated[Path, typer.Argument(help="Settlement vector JSON (policy, person state, bill).")]) -> None:
+    """Split a bill as NHSA 2206 does and print JSON with ``lines`` and ``setlinfo`` (int fen)."""
+    from settlement.policy import PolicyError
+    from settlement.split import SplitInputError, split_vector_document
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror}")
+    except UnicodeDecodeError:
+        fail(f"{file}: not UTF-8 text")
+    try:
+        doc = json.loads(text, parse_float=_no_float, parse_constant=_no_float)
+    except ValueError as exc:
+        fail(f"{file}: malformed JSON: {exc}")
+    if not isinstance(doc, dict):
+        fail(f"{file}: the document must be a JSON object")
+    try:
+        result = split_vector_document(doc)
+    except (SplitInputError, PolicyError) as exc:
+        fail(f"{file}: {exc}")
+    sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+
+
+def _no_float(text: str):
+    raise ValueError(f"number {text} must be a decimal string (\"{text}\") or an integer of fen")
+
+
+@ledger_app.command("verify")
+def ledger_verify(db: DbOption = None) -> None:
+    """Recompute every balance from the journal and check the hash chain; exit 1 on a mismatch."""
+    from ledger.db import make_engine
+    from ledger.store import Ledger
+
+    settings = _settings(db)
+    engine = make_engine(settings.db_url)
+    try:
+        ledger = Ledger(engine)
+        problems = ledger.verify()
+        tb = ledger.trial_balance()
+    except Exception as exc:  # a missing table or unreachable database: one line, not a traceback
+        fail(f"cannot verify {settings.db_url}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    finally:
+        engine.dispose()
+    for p in problems:
+        err.print(f"mismatch: {p}", highlight=False)
+    accounts = len(tb.accounts)
+    if problems:
+        raise typer.Exit(1)
+    Console().print(f"ledger verified: {accounts} accounts, trial balance "
+                    f"{'balanced' if tb.balanced else 'NOT balanced'}, hash chain intact")
+    if not tb.balanced:
+        raise typer.Exit(1)
+
+
+@catalogue_app.command("generate")
+def catalogue_generate(out: Annotated[Path, typer.Option(help="Where to write the catalogue CSV.")] = Path("var/catalogue.csv"),
+                       seed: Annotated[int, typer.Option(help="Seed of the synthetic classes and prices.")] = 42) -> None:
+    """Write the HIS simulator's catalogue: real codes and names, synthetic classes and prices."""
+    from simulators.his import SAMPLE_CSV, generate_catalogue, write_catalogue
+
+    write_catalogue(generate_catalogue(SAMPLE_CSV, seed), out, seed=seed)
+    Console().print(f"wrote {out}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOption = None) -> None:
+    """Run the Alembic migrations up to the latest revision."""
+    import migrations
+    from ledger.db import make_engine
+
+    engine = make_engine(_settings(db).db_url)
+    try:
+        migrations.upgrade(engine)
+    finally:
+        engine.dispose()
+    Console().print("database is at the latest revision")
+
+
+def main() -> None:
+    """Entry point of the ``citizencard`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""One settings object, validated once at start-up (nothing reads the environment elsewhere).
+
+Values come from keyword arguments or ``CITIZENCARD_*`` environment variables:
+
+| setting | env | default |
+|---|---|---|
+| ``db_url`` | ``CITIZENCARD_DB`` | ``sqlite:///var/citizencard.db`` |
+| ``nonce_url`` | ``CITIZENCARD_NONCE`` | ``memory://`` (``redis://…`` in production) |
+| ``keys_file`` | ``CITIZENCARD_KEYS`` | beside the SQLite file, or required for PostgreSQL |
+| ``policy`` | ``CITIZENCARD_POLICY`` | ``test-policy-P`` (a shipped book name or a TOML path) |
+| ``catalogue`` | ``CITIZENCARD_CATALOGUE`` | ``var/catalogue.csv`` |
+| ``public_origin`` | ``CITIZENCARD_PUBLIC_ORIGIN`` | none: the URL the request arrived on |
+
+The keys file holds the issuer master key (EMV) and the engine's Ed25519 signing key. It is
+created only when ``create_keys`` is set (the embedded demo); a server never invents secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ledger.errors import Invalid
+
+BODY_BYTES_MAX = 256 * 1024
+SIGNATURE_AGE_S_MAX = 300
+CLOCK_SKEW_S_MAX = 30
+GROUP_COMMIT_WAIT_MS_MAX = 2
+GROUP_COMMIT_ENTRIES_MAX = 512
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Secrets of one engine: the issuer master key (16 bytes, TDES) and the engine's signing key."""
+
+    issuer_mk: bytes
+    engine_key: Ed25519PrivateKey
+    engine_key_id: str = "engine"
+
+    @property
+    def engine_public_hex(self) -> str:
+        return self.engine_key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw).hex()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings; see the module docstring for sources and defaults."""
+
+    db_url: str = "sqlite:///var/citizencard.db"
+    nonce_url: str = "memory://"
+    keys_file: str = ""
+    policy: str = "test-policy-P"
+    catalogue: str = "var/catalogue.csv"
+    public_origin: str = ""
+    create_keys: bool = False
+    group_commit: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        """Settings from ``CITIZENCARD_*`` variables, then ``overrides`` (None values ignored)."""
+        env = os.environ
+        values = dict(
+            db_url=env.get("CITIZENCARD_DB", cls.db_url),
+            nonce_url=env.get("CITIZENCARD_NONCE", cls.nonce_url),
+            keys_file=env.get("CITIZENCARD_KEYS", ""),
+            policy=env.get("CITIZENCARD_POLICY", cls.policy),
+            catalogue=env.get("CITIZENCARD_CATALOGUE", cls.catalogue),
+            public_origin=env.get("CITIZENCARD_PUBLIC_ORIGIN", ""),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def resolved_keys_file(self) -> Path:
+        """Where the keys live: the setting, or ``<sqlite file>.keys.json``."""
+        if self.keys_file:
+            return Path(self.keys_file)
+        if self.db_url.startswith("sqlite:///"):
+            return Path(self.db_url[len("sqlite:///"):] + ".keys.json")
+        raise Invalid("keys_file_required", "set CITIZENCARD_KEYS (issuer master key and engine key) "
+                      "for a PostgreSQL deployment")
+
+    def load_keys(self) -> Keys:
+        """Read the keys file (creating it when ``create_keys``). Raises Invalid when missing
+        or malformed."""
+        path = self.resolved_keys_file()
+        if not path.exists():
+            if not self.create_keys:
+                raise Invalid("keys_missing", f"{path} does not exist; run `citizencard day` or "
+                              "`citizencard keys init` to create one")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key = Ed25519PrivateKey.generate()
+            doc = {"issuer_mk_hex": secrets.token_hex(16),
+                   "engine_key_hex": key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                       serialization.NoEncryption()).hex()}
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc, indent=2))
+            os.chmod(tmp, 0o600)
+            tmp.replace(path)
+        try:
+            doc = json.loads(path.read_text())
+            issuer_mk = bytes.fromhex(doc["issuer_mk_hex"])
+            engine_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(doc["engine_key_hex"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Invalid("keys_malformed", f"{path}: {exc}") from None
+        if len(issuer_mk) != 16:
+            raise Invalid("keys_malformed", f"{path}: issuer_mk_hex must be 16 bytes")
+        return Keys(issuer_mk, engine_key)

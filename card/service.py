@@ -1,0 +1,206 @@
+"""Card service: citizens, card issuance, and authorisation of card and QR payments.
+
+Authorisation (EMV Book 2; EMVCo QR CPM for the virtual card) is checked before any money
+moves: the cryptogram is recomputed from the issuer master key and compared in constant time,
+then the card's ATC is advanced with an atomic compare-and-set (``last_atc < atc``), so a
+repeated or lower ATC — a replayed cryptogram — is refused even under concurrency. A QR code is
+also claimed once in the single-use store. The ATC is consumed even when the payment is later
+declined for funds, as on a real card.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, insert, select, update
+
+from card import cryptogram as cg
+from card.accounts import wallet_spec
+from card.identity import is_valid_gb11643, is_valid_luhn
+from card.schema import cards, citizens
+from ledger.db import write_connection
+from ledger.errors import Conflict, Invalid, NotFound, Rejected
+from ledger.model import AccountResult
+from ledger.store import Ledger
+
+QR_VALIDITY_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Authorisation:
+    """A verified card or QR authorisation: who pays, with which counter, and the ARPC."""
+
+    pan: str
+    psn_no: str
+    method: str  # card | qr
+    atc: int
+    arpc_hex: str = ""
+
+
+class CardService:
+    """Citizens and cards on one database, plus the issuer master key (16 bytes)."""
+
+    def __init__(self, engine: Engine, ledger: Ledger, issuer_mk: bytes, nonce_store,
+                 clock_us: Callable[[], int]) -> None:
+        self.engine = engine
+        self.ledger = ledger
+        self.issuer_mk = issuer_mk
+        self.nonce_store = nonce_store
+        self.clock_us = clock_us
+
+    # -------------------------------------------------------------- citizens and cards
+    def register_citizen(self, *, psn_no: str, certno: str, psn_name: str, gend: str, brdy: dt.date,
+                         insutype: str, retired: bool) -> bool:
+        """Register an insured person (idempotent by ``psn_no``). Returns True when new.
+
+        Raises Invalid for an identity number failing GB 11643's check digit, Conflict when
+        ``psn_no`` exists with other data."""
+        if not is_valid_gb11643(certno):
+            raise Invalid("certno_invalid", f"{certno!r} is not a valid GB 11643 identity number")
+        if insutype not in ("310", "390"):
+            raise Invalid("insutype_unknown", f"insutype {insutype!r} is not 310 or 390")
+        row = dict(psn_no=psn_no, certno=certno, psn_name=psn_name, gend=gend, brdy=brdy,
+                   insutype=insutype, retired=retired)
+        with write_connection(self.engine) as conn:
+            existing = conn.execute(select(citizens).where(citizens.c.psn_no == psn_no)).first()
+            if existing is not None:
+                if any(getattr(existing, k) != v for k, v in row.items()):
+                    raise Conflict("citizen_exists_with_different_data", f"person {psn_no} already registered")
+                return False
+            conn.execute(insert(citizens).values(**row, created_ts=self.clock_us()))
+            return True
+
+    def citizen(self, psn_no: str):
+        """The citizen row (psn_no, certno, psn_name, gend, brdy, insutype, retired) or NotFound."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(citizens).where(citizens.c.psn_no == psn_no)).first()
+        if row is None:
+            raise NotFound("person_not_found", f"no insured person {psn_no}")
+        return row
+
+    def issue_card(self, *, psn_no: str, pan: str, pan_seq: str = "01", form: str = "physical") -> bytes:
+        """Issue a card (idempotent by PAN) and open its wallet; returns the card's ICC master
+        key (EMV option A) for personalisation. Raises Invalid for a PAN failing Luhn."""
+        if not is_valid_luhn(pan):
+            raise Invalid("pan_invalid", f"{pan!r} fails the Luhn check (ISO/IEC 7812-1)")
+        if form not in ("physical", "virtual"):
+            raise Invalid("card_form_unknown", f"card form {form!r}")
+        self.citizen(psn_no)
+        with write_connection(self.engine) as conn:
+            existing = conn.execute(select(cards).where(cards.c.pan == pan)).first()
+            if existing is None:
+                conn.execute(insert(cards).values(pan=pan, psn_no=psn_no, pan_seq=pan_seq, form=form,
+                                                  status="active", last_atc=None, issued_ts=self.clock_us()))
+            elif (existing.psn_no, existing.pan_seq, existing.form) != (psn_no, pan_seq, form):
+                raise Conflict("card_exists_with_different_data", f"card {pan} already issued")
+        result = self.ledger.create_accounts([wallet_spec(pan)])[0]
+        if result not in (AccountResult.OK, AccountResult.EXISTS):
+            raise Conflict("wallet_account_conflict", result.name.lower())
+        return cg.derive_icc_mk(self.issuer_mk, pan, pan_seq)
+
+    def card(self, pan: str):
+        """The card row or NotFound."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(cards).where(cards.c.pan == pan)).first()
+        if row is None:
+            raise NotFound("card_not_found", f"no card {pan}")
+        return row
+
+    def set_status(self, pan: str, status: str) -> None:
+        """Block or re-activate a card."""
+        if status not in ("active", "blocked"):
+            raise Invalid("card_status_unknown", status)
+        self.card(pan)
+        with write_connection(self.engine) as conn:
+            conn.execute(update(cards).where(cards.c.pan == pan).values(status=status))
+
+    # -------------------------------------------------------------- authorisation
+    def authorise(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date) -> Authorisation:
+        """Verify a payment authorisation for ``amount_fen`` and consume its counter.
+
+        ``auth`` is the JSON the terminal sent: ``{"method": "card", "pan", "pan_seq", "atc",
+        "arqc" (hex 8 bytes), "un" (hex 4 bytes), "txn_date" (ISO date), "amount_fen"}`` for the
+        physical card (EMV ARQC), or ``{"method": "qr", "payload": base64 CPM}`` for the virtual
+        card (EMVCo CPM, valid ``QR_VALIDITY_S`` and single-use).
+        Raises Invalid (malformed), NotFound (card), Rejected (blocked card, cryptogram
+        mismatch, ATC replay, expired or reused code, amount mismatch).
+        """
+        method = auth.get("method") if isinstance(auth, dict) else None
+        if method == "card":
+            return self._authorise_card(auth, amount_fen=amount_fen, terminal_id=terminal_id, today=today)
+        if method == "qr":
+            return self._authorise_qr(auth, amount_fen=amount_fen)
+        raise Invalid("payment_method_unknown", "payment.method must be 'card', 'qr' or 'cash'")
+
+    def _active_card(self, pan: str):
+        row = self.card(pan)
+        if row.status != "active":
+            raise Rejected("card_blocked", f"card {pan} is {row.status}")
+        return row
+
+    def _authorise_card(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date) -> Authorisation:
+        try:
+            pan = str(auth["pan"])
+            atc = int(auth["atc"])
+            arqc = binascii.unhexlify(str(auth["arqc"]))
+            un = binascii.unhexlify(str(auth["un"]))
+            txn_date = dt.date.fromisoformat(str(auth["txn_date"]))
+            authorised = int(auth["amount_fen"])
+        except (KeyError, ValueError, TypeError, binascii.Error) as exc:
+            raise Invalid("card_auth_malformed", f"payment card data: {exc}") from None
+        if authorised != amount_fen:
+            raise Rejected("amount_mismatch", f"the card authorised {authorised} fen but {amount_fen} fen is due;"
+                           " present the card again for the new amount", status=409, amount_due_fen=amount_fen)
+        if abs((txn_date - today).days) > 1:
+            raise Rejected("card_txn_date_invalid", f"transaction date {txn_date} is not today ({today})")
+        card = self._active_card(pan)
+        try:
+            data = cg.TransactionData(amount_authorised_fen=amount_fen, txn_date=txn_date,
+                                      unpredictable_number=un, atc=atc, terminal_id=terminal_id)
+            result = cg.check_arqc(self.issuer_mk, pan, card.pan_seq, data, arqc, last_atc=card.last_atc)
+        except cg.CryptogramError as exc:
+            raise Invalid("card_auth_malformed", str(exc)) from None
+        if result is not cg.CryptogramResult.OK:
+            raise Rejected(str(result.value), f"card {pan}: {result.value}")
+        self._advance_atc(pan, atc)
+        arpc = cg.generate_arpc(self.issuer_mk, pan, card.pan_seq, arqc, cg.ARC_APPROVED)
+        return Authorisation(pan, card.psn_no, "card", atc, arpc.hex().upper())
+
+    def _authorise_qr(self, auth: dict, *, amount_fen: int) -> Authorisation:
+        from card import cpm
+
+        payload = auth.get("payload")
+        if not isinstance(payload, str):
+            raise Invalid("qr_payload_missing", "payment.payload must be the scanned QR text")
+        try:
+            parsed = cpm.parse_cpm_payload(payload)
+        except ValueError as exc:
+            raise Invalid("qr_payload_malformed", str(exc)) from None
+        card = self._active_card(parsed.pan)
+        now_s = self.clock_us() // 1_000_000
+        if (parsed.psn or "00") != card.pan_seq:
+            raise Rejected("arqc_mismatch", "QR code: PAN sequence number does not match the card")
+        try:
+            result = cpm.verify_cpm_cryptogram(self.issuer_mk, parsed, now_s, QR_VALIDITY_S,
+                                               last_atc=card.last_atc)
+        except ValueError as exc:
+            raise Invalid("qr_payload_malformed", str(exc)) from None
+        if result is not cg.CryptogramResult.OK:
+            raise Rejected(str(result.value), f"QR code: {result.value}")
+        if not self.nonce_store.claim(f"qr:{parsed.pan}:{parsed.atc}", QR_VALIDITY_S * 2):
+            raise Rejected("qr_code_already_used", "this QR code has already paid")
+        self._advance_atc(parsed.pan, parsed.atc)
+        return Authorisation(parsed.pan, card.psn_no, "qr", parsed.atc)
+
+    def _advance_atc(self, pan: str, atc: int) -> None:
+        with write_connection(self.engine) as conn:
+            done = conn.execute(update(cards).where(cards.c.pan == pan, cards.c.status == "active",
+                                                    (cards.c.last_atc.is_(None)) | (cards.c.last_atc < atc))
+                                .values(last_atc=atc)).rowcount
+        if done != 1:
+            raise Rejected("atc_replayed", f"card {pan}: ATC {atc} was already used")
+
+

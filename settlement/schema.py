@@ -1,0 +1,86 @@
+"""Tables of settlements, card payments and recharges (Alembic revision ``0002_app``).
+
+Each row is written in the same database transaction as its ledger entry (a ledger hook), so a
+row exists exactly when its money moved. Amounts are BIGINT fen; documents are JSON text with
+the NHSA field names (``setlinfo``, the 2204 line split).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Column, Date, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint)
+
+metadata = MetaData()
+
+settlements = Table(
+    "settlements", metadata,
+    Column("setl_id", String(40), primary_key=True),
+    Column("fixmedins_code", String(32), nullable=False),
+    Column("mdtrt_id", String(40), nullable=False),
+    Column("chrg_bchno", String(40), nullable=False),
+    Column("msgid", String(40), nullable=False, unique=True),
+    Column("psn_no", String(32), nullable=False),
+    Column("terminal_id", String(32), nullable=False),
+    Column("insutype", String(3), nullable=False),
+    Column("med_type", String(4), nullable=False),
+    Column("insu_year", Integer, nullable=False),
+    Column("business_date", Date, nullable=False),
+    Column("pay_method", String(8), nullable=False),  # card | qr | cash
+    Column("pan", String(19), nullable=True),
+    Column("medfee_sumamt", BigInteger, nullable=False),
+    Column("fund_pay_sumamt", BigInteger, nullable=False),
+    Column("hifp_pay", BigInteger, nullable=False),
+    Column("acct_pay", BigInteger, nullable=False),
+    Column("psn_cash_pay", BigInteger, nullable=False),
+    Column("wallet_pay", BigInteger, nullable=False),
+    Column("setlinfo", Text, nullable=False),
+    Column("lines", Text, nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("entry_key", String(128), nullable=False, unique=True),
+    Column("kind", String(12), nullable=False),  # settlement | cancellation
+    Column("original_setl_id", String(40), nullable=True),
+    Column("created_ts", BigInteger, nullable=False),
+    UniqueConstraint("fixmedins_code", "mdtrt_id", "chrg_bchno", "kind", name="uq_settlement_visit_batch"),
+)
+Index("ix_settlements_day", settlements.c.business_date)
+Index("ix_settlements_original", settlements.c.original_setl_id)
+
+payments = Table(
+    "payments", metadata,
+    Column("payment_id", String(40), primary_key=True),
+    Column("msgid", String(40), nullable=False, unique=True),
+    Column("org_code", String(32), nullable=False),
+    Column("terminal_id", String(32), nullable=False),
+    Column("pan", String(19), nullable=False),
+    Column("pay_method", String(8), nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("business_date", Date, nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("entry_key", String(128), nullable=False, unique=True),
+    Column("created_ts", BigInteger, nullable=False),
+)
+Index("ix_payments_day", payments.c.business_date)
+
+recharges = Table(
+    "recharges", metadata,
+    Column("recharge_id", String(40), primary_key=True),
+    Column("msgid", String(40), nullable=False, unique=True),
+    Column("channel", String(32), nullable=False),
+    Column("terminal_id", String(32), nullable=False),
+    Column("pan", String(19), nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("business_date", Date, nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("entry_key", String(128), nullable=False, unique=True),
+    Column("created_ts", BigInteger, nullable=False),
+)
+Index("ix_recharges_day", recharges.c.business_date)
+
+business_days = Table(
+    "business_days", metadata,
+    Column("business_date", Date, primary_key=True),
+    Column("status", String(8), nullable=False),  # open | closed
+    Column("opened_ts", BigInteger, nullable=False),
+    Column("closed_ts", BigInteger, nullable=True),
+    Column("report", Text, nullable=True),  # JSON report of the close
+)

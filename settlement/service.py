@@ -1,0 +1,581 @@
+"""Point-of-care medical settlement (诊间结算): pre-settle, settle, cancel, partial refund, query.
+
+Functional core, imperative shell: the service loads the person's accumulators and balances,
+the pure :func:`settlement.split.split_visit` decides, the service posts one ledger entry.
+
+* **Pre-settlement** (NHSA 2206/2303) returns the full split; it moves no money and changes no
+  accumulator.
+* **Settlement** (2207/2304) posts one journal entry: the pooled fund, the second tier, the
+  personal account and — when the card or QR card pays — the wallet into the clinic's payable,
+  plus memo legs that move the year-to-date accumulators. The entry carries balance
+  assertions on the accumulators and the personal account as they were read; if a concurrent
+  settlement of the same person changed them, the ledger refuses the entry and the service
+  re-reads and re-splits (bounded), so the deductible and the caps apply exactly once.
+  Idempotent by (clinic, ``mdtrt_id``, ``chrg_bchno``): a second submission returns the first
+  settlement, marked ``replayed``; the same key with another bill is a conflict.
+* **Cancellation** (2208/2305) posts the exact reverse of the settlement's legs, linked to it,
+  once; the accumulators come back exactly.
+* **Partial refund**: one entry that reverses the original and posts the re-split of the
+  remaining lines, so each payer gets back exactly its difference.
+* **Query** (5203) by message id resolves a settlement whose answer was lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, Engine, insert, select
+
+from card.service import CardService
+from ledger.errors import Conflict, Invalid, NotFound, Rejected
+from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryResult, EntrySpec,
+                          TransferResult, TransferSpec)
+from ledger.store import Ledger
+from settlement import chart
+from settlement.catalogue import Catalogue
+from settlement.days import BusinessDays
+from settlement.policy import PolicyBook, PolicyNotFound
+from settlement.schema import settlements
+from settlement.split import (BillLine, PersonState, SplitInputError, parse_bill_lines, partial_refund,
+                              split_visit)
+
+LOCAL_TZ = ZoneInfo("Asia/Shanghai")
+ATTEMPTS_MAX = 6
+ID_CHARS_MAX = 40
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalContext:
+    """Who is asking: the verified terminal and its organisation (from the request signature)."""
+
+    terminal_id: str
+    org_code: str
+    org_kind: str
+    hospital_tier: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Visit:
+    """A validated settlement request."""
+
+    msgid: str
+    mdtrt_id: str
+    chrg_bchno: str
+    psn_no: str
+    med_type: str
+    interim: bool
+    lines: tuple[BillLine, ...]
+    payment: dict
+    request_hash: str
+
+
+def text_field(req: dict, name: str, *, chars_max: int = ID_CHARS_MAX, required: bool = True) -> str:
+    """A short identifier field from a JSON request; Invalid naming the field otherwise."""
+    value = req.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid("field_invalid", f"{name}: must be a non-empty string", field=name)
+    if len(value) > chars_max or not value.isprintable():
+        raise Invalid("field_invalid", f"{name}: at most {chars_max} printable characters", field=name)
+    return value
+
+
+def fingerprint(doc: Any) -> str:
+    """SHA-256 of the canonical JSON of a request's business content (idempotency check)."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                          .encode()).hexdigest()
+
+
+def derived_id(prefix: str, key: str) -> str:
+    """A stable id derived from an idempotency key (the same key always gives the same id)."""
+    return prefix + hashlib.sha256(key.encode()).hexdigest()[:24].upper()
+
+
+class AccountCache:
+    """Creates chart accounts on first use (idempotent) and remembers which exist."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.known: set[str] = set()
+
+    def ensure(self, names: list[str]) -> None:
+        """Create every account of ``names`` not yet known (by the chart's spec)."""
+        missing = [n for n in dict.fromkeys(names) if n not in self.known]
+        if not missing:
+            return
+        results = self.ledger.create_accounts([chart.spec_for(n) for n in missing])
+        for name, result in zip(missing, results):
+            if result not in (AccountResult.OK, AccountResult.EXISTS):
+                raise Conflict("account_conflict", f"{name}: {result.name.lower()}")
+            self.known.add(name)
+
+
+class SettlementService:
+    """Medical settlement over the ledger. ``submit(entry, hook)`` posts one entry (the ledger
+    itself or a group committer); ``clock_us`` is the engine's clock (µs since the epoch)."""
+
+    def __init__(self, engine: Engine, ledger: Ledger, submit: Callable[..., EntryOutcome],
+                 cards: CardService, policies: PolicyBook, catalogue: Catalogue, days: BusinessDays,
+                 accounts: AccountCache, clock_us: Callable[[], int]) -> None:
+        self.engine = engine
+        self.ledger = ledger
+        self.submit = submit
+        self.cards = cards
+        self.policies = policies
+        self.catalogue = catalogue
+        self.days = days
+        self.accounts = accounts
+        self.clock_us = clock_us
+
+    # ------------------------------------------------------------------ parsing
+    def parse_visit(self, req: dict) -> Visit:
+        """Validate a 2206/2207 request body. Raises Invalid naming the bad field."""
+        if not isinstance(req, dict):
+            raise Invalid("body_invalid", "the request body must be a JSON object")
+        msgid = text_field(req, "msgid")
+        mdtrt_id = text_field(req, "mdtrt_id")
+        chrg_bchno = text_field(req, "chrg_bchno")
+        psn_no = text_field(req, "psn_no", chars_max=32)
+        med_type = text_field(req, "med_type", chars_max=4)
+        interim = req.get("mid_setl_flag", "0")
+        if interim not in ("0", "1"):
+            raise Invalid("field_invalid", "mid_setl_flag: must be '0' or '1'", field="mid_setl_flag")
+        raw_lines = req.get("lines")
+        if not isinstance(raw_lines, list) or not raw_lines:
+            raise Invalid("field_invalid", "lines: must be a non-empty list of fee lines", field="lines")
+        lines = self.classify(raw_lines)
+        payment = req.get("payment") or {"method": "cash"}
+        if not isinstance(payment, dict) or payment.get("method") not in ("cash", "card", "qr"):
+            raise Invalid("payment_method_unknown", "payment.method must be 'cash', 'card' or 'qr'",
+                          field="payment.method")
+        business = dict(mdtrt_id=mdtrt_id, chrg_bchno=chrg_bchno, psn_no=psn_no, med_type=med_type,
+                        mid_setl_flag=interim, method=payment["method"],
+                        lines=[[x.feedetl_sn, x.hilist_code, str(x.pric), str(x.cnt), x.chrgitm_lv] for x in lines])
+        return Visit(msgid, mdtrt_id, chrg_bchno, psn_no, med_type, interim == "1", tuple(lines), payment,
+                     fingerprint(business))
+
+    def classify(self, raw_lines: list) -> list[BillLine]:
+        """Turn request lines into BillLines classified by the insurer's catalogue.
+
+        A line whose ``hilist_code`` is in the catalogue takes its class, first self-pay ratio
+        and price ceiling from it (the catalogue is authoritative). A code outside the
+        catalogue is wholly self-paid (class C). A ``chrgitm_lv`` given by the HIS must be A, B
+        or C. Raises Invalid naming the line and field (negative quantity, unknown class,
+        amount overflow, floats)."""
+        prepared = []
+        for i, raw in enumerate(raw_lines):
+            if not isinstance(raw, dict):
+                raise Invalid("line_invalid", f"lines[{i}]: must be an object", field=f"lines[{i}]")
+            given = raw.get("chrgitm_lv")
+            if given is not None and given not in ("A", "B", "C"):
+                raise Invalid("line_invalid", f"lines[{i}].chrgitm_lv: {given!r} is not a charge item class "
+                              "(A, B or C)", field=f"lines[{i}].chrgitm_lv")
+            line = {k: raw[k] for k in ("feedetl_sn", "hilist_code", "name", "pric", "cnt") if k in raw}
+            code = raw.get("hilist_code") or ""
+            if code and code in self.catalogue:
+                item = self.catalogue.get(code)
+                line["chrgitm_lv"] = item.chrgitm_lv
+                if item.chrgitm_lv == "B":
+                    line["selfpay_prop"] = str(item.selfpay_prop)
+                if item.pric_uplmt_amt is not None and item.chrgitm_lv != "C":
+                    line["pric_uplmt_amt"] = str(item.pric_uplmt_amt)
+                if not item.basic_insurance_payable:
+                    line["chrgitm_lv"] = "C"
+                    line.pop("selfpay_prop", None)
+                    line.pop("pric_uplmt_amt", None)
+            else:
+                line["chrgitm_lv"] = "C"
+            prepared.append(line)
+        try:
+            return parse_bill_lines(prepared, where="lines")
+        except SplitInputError as exc:
+            raise Invalid("line_invalid", str(exc)) from None
+
+    # ------------------------------------------------------------------ state
+    def _policy(self, ctx: TerminalContext, citizen, med_type: str):
+        if ctx.org_kind != "clinic" or ctx.hospital_tier is None:
+            raise Rejected("terminal_not_a_clinic", f"terminal {ctx.terminal_id} does not belong to a clinic")
+        try:
+            return self.policies.find(citizen.insutype, bool(citizen.retired), ctx.hospital_tier, med_type)
+        except PolicyNotFound as exc:
+            raise Invalid("policy_not_found", str(exc), field="med_type") from None
+
+    def insu_year(self) -> int:
+        """Insurance year of now: the calendar year of the local date (Asia/Shanghai)."""
+        return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).year
+
+    def _accounts_for(self, citizen, year: int, mdtrt_id: str) -> dict[str, str]:
+        psn = citizen.psn_no
+        return {
+            "dedc": chart.accumulator("dedc", psn, year),
+            "hifp": chart.accumulator("hifp", psn, year),
+            "hifmi": chart.accumulator("hifmi", psn, year),
+            "admissions": chart.accumulator("admissions", psn, year),
+            "adm_dedc": chart.accumulator("adm_dedc", psn, mdtrt_id),
+            "personal": chart.personal_account(psn),
+            "pooled": chart.fund_account(chart.POOLED_FUND[citizen.insutype]),
+            "second": chart.fund_account(chart.SECOND_TIER_FUND[citizen.insutype]),
+        }
+
+    def _read_state(self, names: dict[str, str]) -> tuple[PersonState, dict[str, int]]:
+        keys = ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "personal")
+        bal = self.ledger.balances([names[k] for k in keys])
+        net = {k: bal[names[k]].credits_posted - bal[names[k]].debits_posted for k in keys}
+        state = PersonState(deductible_used_ytd_fen=net["dedc"], fund_paid_ytd_fen=net["hifp"],
+                            personal_account_balance_fen=bal[names["personal"]].available,
+                            admissions_ytd=net["admissions"], serious_illness_paid_ytd_fen=net["hifmi"],
+                            admission_deductible_used_fen=net["adm_dedc"])
+        return state, net
+
+    # ------------------------------------------------------------------ pre-settlement
+    def presettle(self, ctx: TerminalContext, req: dict) -> dict:
+        """NHSA 2206/2303: the split of the bill for the person now; moves nothing."""
+        visit = self.parse_visit(req)
+        citizen = self.cards.citizen(visit.psn_no)
+        policy = self._policy(ctx, citizen, visit.med_type)
+        names = self._accounts_for(citizen, self.insu_year(), visit.mdtrt_id)
+        self.accounts.ensure(list(names.values()))
+        state, _ = self._read_state(names)
+        result = self._split(policy, state, visit)
+        doc = result.to_dict()
+        doc.update(msgid=visit.msgid, mdtrt_id=visit.mdtrt_id, chrg_bchno=visit.chrg_bchno,
+                   psn_no=visit.psn_no, policy=policy.name, policy_verified=policy.verified)
+        return doc
+
+    def _split(self, policy, state: PersonState, visit: Visit, lines=None):
+        try:
+            return split_visit(policy, state, list(lines if lines is not None else visit.lines),
+                               interim=visit.interim, mdtrt_id=visit.mdtrt_id, psn_no=visit.psn_no)
+        except SplitInputError as exc:
+            raise Invalid("bill_invalid", str(exc)) from None
+
+    # ------------------------------------------------------------------ settlement
+    def _existing(self, conn: Connection, **where: str):
+        q = select(settlements)
+        for k, v in where.items():
+            q = q.where(settlements.c[k] == v)
+        return conn.execute(q).first()
+
+    def _replay_or_conflict(self, ctx: TerminalContext, visit: Visit) -> dict | None:
+        with self.engine.connect() as conn:
+            row = self._existing(conn, fixmedins_code=ctx.org_code, mdtrt_id=visit.mdtrt_id,
+                                 chrg_bchno=visit.chrg_bchno, kind="settlement")
+            if row is None:
+                other = self._existing(conn, msgid=visit.msgid)
+                if other is not None:
+                    raise Conflict("msgid_reused", f"msgid {visit.msgid} was used for another request")
+                return None
+        if row.request_hash != visit.request_hash:
+            raise Conflict("exists_with_different_content",
+                           f"visit {visit.mdtrt_id} batch {visit.chrg_bchno} was settled with another bill")
+        return self._document(row, replayed=True)
+
+    def settle(self, ctx: TerminalContext, req: dict) -> dict:
+        """NHSA 2207/2304: settle a visit and post its one ledger entry (see module docstring).
+
+        Returns the settlement document (``setl_id``, ``setlinfo``, ``lines``, ``payment``,
+        ``replayed``). Raises Invalid, NotFound (person, card), Conflict (same visit and batch
+        with another bill; msgid reused), Rejected (card checks; ``insufficient_funds`` 402;
+        ``amount_mismatch`` 409 when the card authorised another amount than is now due)."""
+        visit = self.parse_visit(req)
+        replay = self._replay_or_conflict(ctx, visit)
+        if replay is not None:
+            return replay
+        citizen = self.cards.citizen(visit.psn_no)
+        policy = self._policy(ctx, citizen, visit.med_type)
+        year = self.insu_year()
+        names = self._accounts_for(citizen, year, visit.mdtrt_id)
+        payable = chart.clinic_payable(ctx.org_code)
+        self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
+        business_date = self.days.current()
+        entry_key = f"setl:{ctx.org_code}:{visit.mdtrt_id}:{visit.chrg_bchno}"
+        setl_id = derived_id("S", entry_key)
+        method = visit.payment["method"]
+        auth = None
+        authorised_fen = None
+        for _attempt in range(ATTEMPTS_MAX):
+            state, net = self._read_state(names)
+            result = self._split(policy, state, visit)
+            info = result.setlinfo
+            wallet_pay = info.psn_cash_pay if method in ("card", "qr") else 0
+            if wallet_pay and auth is None:
+                auth = self.cards.authorise(visit.payment, amount_fen=wallet_pay, terminal_id=ctx.terminal_id,
+                                            today=business_date)
+                authorised_fen = wallet_pay
+                if auth.psn_no != citizen.psn_no:
+                    raise Rejected("card_holder_mismatch", "the card does not belong to the insured person")
+            elif wallet_pay and wallet_pay != authorised_fen:
+                raise Rejected("amount_mismatch", f"the amount due changed to {wallet_pay} fen; present the card "
+                               "again", status=409, amount_due_fen=wallet_pay)
+            pan = auth.pan if auth else (visit.payment.get("pan") if method != "cash" else None)
+            legs = self._legs(names, payable, info, wallet_pay, pan, policy.is_inpatient, visit.interim)
+            row = self._row(ctx, visit, setl_id, entry_key, business_date, year, info, result, method,
+                            auth.pan if auth else None, wallet_pay, kind="settlement")
+            doc = self._document_from(row, replayed=False, arpc=auth.arpc_hex if auth else "")
+            if not legs:
+                self._insert_rows([row])
+                return doc
+            entry = EntrySpec(
+                key=entry_key, kind="settlement",
+                transfers=tuple(TransferSpec(f"{entry_key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
+                metadata={"setl_id": setl_id, "legs_from": 0},
+                assertions=tuple(BalanceAssertion(names[k], net[k]) for k in ("dedc", "hifp", "hifmi", "admissions",
+                                                                              "adm_dedc", "personal")))
+            outcome = self.submit(entry, lambda conn, _o, row=row: conn.execute(insert(settlements), [row]))
+            if outcome.ok:
+                return self._replay_or_conflict(ctx, visit) if outcome.replayed else doc
+            if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:
+                continue  # a concurrent settlement of this person: re-read and re-split
+            if outcome.result is EntryResult.EXISTS_WITH_DIFFERENT_CONTENT:
+                replay = self._replay_or_conflict(ctx, visit)
+                if replay is not None:
+                    return replay
+                continue
+            raise self._refusal(outcome, legs)
+        raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid")
+
+    def _legs(self, names: dict[str, str], payable: str, info, wallet_pay: int, pan: str | None,
+              inpatient: bool, interim: bool) -> list[tuple[str, str, int]]:
+        """The entry's legs (debit, credit, amount fen), zero legs left out."""
+        legs = [
+            (names["pooled"], payable, info.hifp_pay),
+            (names["second"], payable, info.hifmi_pay),
+            (names["personal"], payable, info.acct_pay),
+        ]
+        if wallet_pay:
+            legs.append((chart.wallet_account(pan), payable, wallet_pay))
+        contra = chart.MEMO_CONTRA
+        if inpatient:
+            legs.append((contra, names["adm_dedc"], info.act_pay_dedc))
+        else:
+            legs.append((contra, names["dedc"], info.act_pay_dedc))
+        legs += [(contra, names["hifp"], info.hifp_pay), (contra, names["hifmi"], info.hifmi_pay)]
+        if inpatient and not interim:
+            legs.append((contra, names["admissions"], 1))
+        return [leg for leg in legs if leg[2] > 0]
+
+    def _refusal(self, outcome: EntryOutcome, legs) -> Exception:
+        if outcome.result is EntryResult.TRANSFER_FAILED and outcome.transfer_result is TransferResult.EXCEEDS_CREDITS:
+            debit = legs[outcome.failed_index][0] if outcome.failed_index is not None and outcome.failed_index < len(legs) else ""
+            if debit.startswith("wallet:"):
+                return Rejected("insufficient_funds", "the card wallet does not hold enough for the cash part",
+                                status=402)
+            if debit.startswith("fund:"):
+                return Rejected("fund_insufficient", f"{debit} cannot pay now", status=409)
+        if outcome.result is EntryResult.ALREADY_REVERSED:
+            return Conflict("already_cancelled", "the settlement was already cancelled or refunded")
+        return Conflict(outcome.result.name.lower(), outcome.detail or outcome.result.name.lower())
+
+    def _row(self, ctx: TerminalContext, visit: Visit, setl_id: str, entry_key: str, business_date: dt.date,
+             year: int, info, result, method: str, pan: str | None, wallet_pay: int, *, kind: str,
+             original: str | None = None, chrg_bchno: str | None = None, msgid: str | None = None) -> dict:
+        setlinfo = info.to_dict()
+        setlinfo.update(setl_id=setl_id, mdtrt_id=visit.mdtrt_id, psn_no=visit.psn_no)
+        return dict(setl_id=setl_id, fixmedins_code=ctx.org_code, mdtrt_id=visit.mdtrt_id,
+                    chrg_bchno=chrg_bchno or visit.chrg_bchno, msgid=msgid or visit.msgid, psn_no=visit.psn_no,
+                    terminal_id=ctx.terminal_id, insutype=self.cards.citizen(visit.psn_no).insutype,
+                    med_type=visit.med_type, insu_year=year, business_date=business_date, pay_method=method,
+                    pan=pan, medfee_sumamt=info.medfee_sumamt, fund_pay_sumamt=info.fund_pay_sumamt,
+                    hifp_pay=info.hifp_pay, acct_pay=info.acct_pay, psn_cash_pay=info.psn_cash_pay,
+                    wallet_pay=wallet_pay, setlinfo=json.dumps(setlinfo),
+                    lines=json.dumps([x.to_dict() for x in result.lines]), request_hash=visit.request_hash,
+                    entry_key=entry_key, kind=kind, original_setl_id=original, created_ts=self.clock_us())
+
+    def _insert_rows(self, rows: list[dict]) -> None:
+        from ledger.db import run_with_retry
+        run_with_retry(self.engine, lambda conn: conn.execute(insert(settlements), rows), retry_on_unique=False)
+
+    def _document_from(self, row: dict, *, replayed: bool, arpc: str = "") -> dict:
+        return {
+            "setl_id": row["setl_id"], "msgid": row["msgid"], "mdtrt_id": row["mdtrt_id"],
+            "chrg_bchno": row["chrg_bchno"], "psn_no": row["psn_no"], "fixmedins_code": row["fixmedins_code"],
+            "business_date": row["business_date"].isoformat(), "kind": row["kind"],
+            "original_setl_id": row["original_setl_id"], "setlinfo": json.loads(row["setlinfo"]),
+            "lines": json.loads(row["lines"]),
+            "payment": {"method": row["pay_method"], "pan": row["pan"], "wallet_pay_fen": row["wallet_pay"],
+                        "arpc": arpc},
+            "replayed": replayed,
+        }
+
+    def _document(self, row, *, replayed: bool) -> dict:
+        doc = self._document_from(row._asdict(), replayed=replayed)
+        with self.engine.connect() as conn:
+            cancel = conn.execute(select(settlements.c.setl_id, settlements.c.kind)
+                                  .where(settlements.c.original_setl_id == row.setl_id)).all()
+        doc["status"] = "settled" if row.kind == "settlement" and not cancel else (
+            "cancelled" if row.kind == "settlement" else row.kind)
+        return doc
+
+    # ------------------------------------------------------------------ queries
+    def query_by_msgid(self, ctx: TerminalContext, msgid: str) -> dict:
+        """NHSA 5203-style query by the terminal's message id: the settlement (or cancellation)
+        that message produced. Raises NotFound when that message never settled anything."""
+        with self.engine.connect() as conn:
+            row = self._existing(conn, msgid=msgid)
+        if row is None or row.fixmedins_code != ctx.org_code:
+            raise NotFound("settlement_not_found", f"no settlement for msgid {msgid}")
+        return self._document(row, replayed=True)
+
+    def get(self, ctx: TerminalContext, setl_id: str) -> dict:
+        """A settlement by id (only the clinic's own)."""
+        with self.engine.connect() as conn:
+            row = self._existing(conn, setl_id=setl_id)
+        if row is None or row.fixmedins_code != ctx.org_code:
+            raise NotFound("settlement_not_found", f"no settlement {setl_id}")
+        return self._document(row, replayed=True)
+
+    # ------------------------------------------------------------------ cancellation and refund
+    def _original(self, ctx: TerminalContext, setl_id: str):
+        with self.engine.connect() as conn:
+            row = self._existing(conn, setl_id=setl_id)
+        if row is None or row.fixmedins_code != ctx.org_code or row.kind != "settlement":
+            raise NotFound("settlement_not_found", f"no settlement {setl_id} at this clinic")
+        return row
+
+    def _own_legs(self, row) -> list[tuple[str, str, int]]:
+        entry = self.ledger.entry(row.entry_key)
+        if entry is None:
+            return []
+        start = int(entry.metadata.get("legs_from", 0))
+        return [(t["debit"], t["credit"], t["amount_fen"]) for t in entry.transfers[start:]]
+
+    def cancel(self, ctx: TerminalContext, setl_id: str, req: dict) -> dict:
+        """NHSA 2208/2305: reverse a settlement exactly, once. Returns the cancellation document
+        (``kind`` "cancellation", amounts of the original); a repeat returns it ``replayed``.
+        Raises NotFound, Conflict (already refunded, or msgid reused)."""
+        msgid = text_field(req if isinstance(req, dict) else {}, "msgid")
+        orig = self._original(ctx, setl_id)
+        key = f"cancel:{setl_id}"
+        done = self._find_reversal(orig, msgid)
+        if done is not None:
+            return done
+        legs = [(c, d, a) for d, c, a in self._own_legs(orig)]
+        cancel_id = derived_id("C", key)
+        row = dict(orig._asdict())
+        row.update(setl_id=cancel_id, msgid=msgid, terminal_id=ctx.terminal_id, kind="cancellation",
+                   original_setl_id=setl_id, entry_key=key, business_date=self.days.current(),
+                   created_ts=self.clock_us(), request_hash=fingerprint({"cancel": setl_id}))
+        if not legs:
+            self._insert_rows([row])
+        else:
+            entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
+                              transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
+                              metadata={"setl_id": cancel_id, "legs_from": 0})
+            outcome = self.submit(entry, lambda conn, _o: conn.execute(insert(settlements), [row]))
+            if not outcome.ok:
+                done = self._find_reversal(orig, msgid)
+                if done is not None:
+                    return done
+                raise self._refusal(outcome, legs)
+        return self._document_from(row, replayed=False)
+
+    def _find_reversal(self, orig, msgid: str) -> dict | None:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(settlements).where(settlements.c.original_setl_id == orig.setl_id)
+                                .order_by(settlements.c.created_ts)).all()
+            other = self._existing(conn, msgid=msgid)
+        if not rows:
+            if other is not None:
+                raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
+            return None
+        mine = [r for r in rows if r.msgid == msgid]
+        if mine:
+            return self._document(mine[-1], replayed=True)
+        raise Conflict("already_cancelled", f"settlement {orig.setl_id} was already cancelled or refunded")
+
+    def refund(self, ctx: TerminalContext, setl_id: str, req: dict) -> dict:
+        """Partial refund: return ``returns`` = ``[{"feedetl_sn", "cnt"}]`` units of some lines.
+
+        One ledger entry reverses the original and posts the re-split of the remaining lines
+        (computed from the accumulators without the original), so the fund, the personal
+        account and the patient each get back exactly their difference. Returns the new
+        settlement document (``original_setl_id`` = the refunded one). If nothing remains it is
+        a cancellation. Raises Invalid (more units than billed), NotFound, Conflict."""
+        if not isinstance(req, dict):
+            raise Invalid("body_invalid", "the request body must be a JSON object")
+        msgid = text_field(req, "msgid")
+        returns = req.get("returns")
+        if not isinstance(returns, list) or not returns:
+            raise Invalid("field_invalid", "returns: must be a non-empty list of {feedetl_sn, cnt}", field="returns")
+        orig = self._original(ctx, setl_id)
+        done = self._find_reversal(orig, msgid)
+        if done is not None:
+            return done
+        orig_lines = parse_bill_lines([{k: v for k, v in line.items() if k in (
+            "feedetl_sn", "hilist_code", "name", "chrgitm_lv", "pric", "cnt", "selfpay_prop", "pric_uplmt_amt")
+            and v is not None} for line in json.loads(orig.lines)])
+        units: dict[str, Any] = {}
+        for i, item in enumerate(returns):
+            if not isinstance(item, dict) or "feedetl_sn" not in item or "cnt" not in item:
+                raise Invalid("field_invalid", f"returns[{i}]: needs feedetl_sn and cnt", field=f"returns[{i}]")
+            sn = str(item["feedetl_sn"])
+            if sn in units:
+                raise Invalid("field_invalid", f"returns[{i}]: feedetl_sn {sn} listed twice", field=f"returns[{i}]")
+            units[sn] = item["cnt"]
+        try:
+            remaining = partial_refund(orig_lines, units)
+        except SplitInputError as exc:
+            raise Invalid("returns_invalid", str(exc)) from None
+        if not remaining:
+            return self.cancel(ctx, setl_id, {"msgid": msgid})
+        citizen = self.cards.citizen(orig.psn_no)
+        policy = self._policy(ctx, citizen, orig.med_type)
+        info0 = json.loads(orig.setlinfo)
+        names = self._accounts_for(citizen, orig.insu_year, orig.mdtrt_id)
+        payable = chart.clinic_payable(ctx.org_code)
+        self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
+        old_legs = self._own_legs(orig)
+        inpatient = policy.is_inpatient
+        interim = False
+        key = f"refund:{setl_id}"
+        new_id = derived_id("S", key)
+        visit = Visit(msgid, orig.mdtrt_id, ("R" + new_id)[:ID_CHARS_MAX], orig.psn_no, orig.med_type, interim,
+                      tuple(remaining), {"method": orig.pay_method}, fingerprint({"refund": setl_id, "returns": units}))
+        for _attempt in range(ATTEMPTS_MAX):
+            state, net = self._read_state(names)
+            dedc_field = "admission_deductible_used_fen" if inpatient else "deductible_used_ytd_fen"
+            adjusted = dict(state.to_dict())
+            adjusted[dedc_field] -= info0["act_pay_dedc"]
+            adjusted["fund_paid_ytd_fen"] -= info0["hifp_pay"]
+            adjusted["serious_illness_paid_ytd_fen"] -= info0["hifmi_pay"]
+            adjusted["personal_account_balance_fen"] += info0["acct_pay"]
+            if inpatient and any(leg[1] == names["admissions"] for leg in old_legs):
+                adjusted["admissions_ytd"] -= 1
+            result = self._split(policy, PersonState(**adjusted), visit)
+            info = result.setlinfo
+            wallet_pay = info.psn_cash_pay if orig.pay_method in ("card", "qr") else 0
+            new_legs = self._legs(names, payable, info, wallet_pay, orig.pan, inpatient, interim)
+            reverse = [(c, d, a) for d, c, a in old_legs]
+            transfers = tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(reverse + new_legs))
+            cancel_row = dict(orig._asdict())
+            cancel_row.update(setl_id=derived_id("C", key), msgid=f"{msgid}~C"[:ID_CHARS_MAX],
+                              terminal_id=ctx.terminal_id, kind="cancellation", original_setl_id=setl_id,
+                              entry_key=key + "~c", business_date=self.days.current(), created_ts=self.clock_us(),
+                              request_hash=visit.request_hash)
+            new_row = self._row(ctx, visit, new_id, key, self.days.current(), orig.insu_year, info, result,
+                                orig.pay_method, orig.pan, wallet_pay, kind="settlement", original=setl_id)
+            entry = EntrySpec(key=key, kind="refund", reverses=orig.entry_key, transfers=transfers,
+                              metadata={"setl_id": new_id, "legs_from": len(reverse)},
+                              assertions=tuple(BalanceAssertion(names[k], net[k]) for k in
+                                               ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "personal")))
+            outcome = self.submit(entry, lambda conn, _o, rows=[cancel_row, new_row]:
+                                  conn.execute(insert(settlements), rows))
+            if outcome.ok:
+                doc = self._document_from(new_row, replayed=outcome.replayed)
+                doc["refund"] = {k: info0[k] - getattr(info, k) for k in
+                                 ("medfee_sumamt", "hifp_pay", "hifmi_pay", "fund_pay_sumamt", "acct_pay", "psn_cash_pay")}
+                return doc
+            if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:
+                continue
+            done = self._find_reversal(orig, msgid)
+            if done is not None:
+                return done
+            raise self._refusal(outcome, list(reverse + new_legs))
+        raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid")

@@ -1,0 +1,164 @@
+"""Card wallet movements other than medical settlement: recharges, merchant payments, and the
+funding of pooled funds and personal accounts by contributions (DESIGN.md posting recipes).
+
+| event | debit | credit |
+|---|---|---|
+| recharge through a channel | ``channel_clearing:{channel}`` | ``wallet:{pan}`` |
+| merchant payment | ``wallet:{pan}`` | ``merchant_payable:{merchant}`` |
+| contribution collected by a bank | ``payout_clearing:{bank}`` | ``fund:{…}`` or ``personal_account:{psn}`` |
+
+Each is idempotent by the terminal's message id: the same msgid with the same content returns
+the first result (``replayed``); with other content it is a conflict. The business row is
+written in the same database transaction as the ledger entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Engine, insert, select
+
+from card.service import CardService
+from ledger.errors import Conflict, Invalid, NotFound, Rejected
+from ledger.model import EntryOutcome, EntryResult, EntrySpec, TransferResult, TransferSpec
+from ledger.money import AMOUNT_FEN_MAX
+from settlement import chart
+from settlement.days import BusinessDays
+from settlement.schema import payments, recharges
+from settlement.service import AccountCache, TerminalContext, derived_id, fingerprint, text_field
+
+RECHARGE_FEN_MAX = 5_000_00  # 5000 yuan per recharge: a stored-value card limit
+
+
+def amount_field(req: dict, name: str = "amount_fen", *, maximum: int = AMOUNT_FEN_MAX) -> int:
+    """A positive integer amount of fen; Invalid (naming the field) otherwise."""
+    value = req.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Invalid("field_invalid", f"{name}: must be an integer number of fen", field=name)
+    if value <= 0:
+        raise Invalid("field_invalid", f"{name}: must be positive", field=name)
+    if value > maximum:
+        raise Invalid("amount_too_large", f"{name}: {value} is beyond the limit of {maximum} fen", field=name)
+    return value
+
+
+class WalletService:
+    """Recharges, merchant payments and contributions over the ledger."""
+
+    def __init__(self, engine: Engine, submit: Callable[..., EntryOutcome], cards: CardService,
+                 days: BusinessDays, accounts: AccountCache, clock_us: Callable[[], int]) -> None:
+        self.engine = engine
+        self.submit = submit
+        self.cards = cards
+        self.days = days
+        self.accounts = accounts
+        self.clock_us = clock_us
+
+    def _replay(self, table, msgid: str, request_hash: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(table).where(table.c.msgid == msgid)).first()
+        if row is None:
+            return None
+        if row.request_hash != request_hash:
+            raise Conflict("exists_with_different_content", f"msgid {msgid} was used for another request")
+        doc = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row._asdict().items()
+               if k not in ("request_hash", "entry_key", "created_ts")}
+        doc["replayed"] = True
+        return doc
+
+    def recharge(self, ctx: TerminalContext, req: dict) -> dict:
+        """Credit a card wallet from a recharge channel (the terminal's organisation).
+
+        Body: ``{"msgid", "pan", "amount_fen"}``. Raises Invalid, NotFound (card), Rejected
+        (blocked card; terminal not a channel), Conflict (msgid reused)."""
+        if ctx.org_kind != "channel":
+            raise Rejected("terminal_not_a_channel", f"terminal {ctx.terminal_id} is not a recharge channel")
+        msgid = text_field(req, "msgid")
+        pan = text_field(req, "pan", chars_max=19)
+        amount = amount_field(req, maximum=RECHARGE_FEN_MAX)
+        request_hash = fingerprint({"pan": pan, "amount_fen": amount, "channel": ctx.org_code})
+        replay = self._replay(recharges, msgid, request_hash)
+        if replay is not None:
+            return replay
+        card = self.cards.card(pan)
+        if card.status != "active":
+            raise Rejected("card_blocked", f"card {pan} is {card.status}")
+        key = f"recharge:{ctx.org_code}:{msgid}"
+        clearing = chart.channel_clearing(ctx.org_code)
+        self.accounts.ensure([clearing, chart.wallet_account(pan)])
+        row = dict(recharge_id=derived_id("R", key), msgid=msgid, channel=ctx.org_code, terminal_id=ctx.terminal_id,
+                   pan=pan, amount_fen=amount, business_date=self.days.current(), request_hash=request_hash,
+                   entry_key=key, created_ts=self.clock_us())
+        entry = EntrySpec(key=key, kind="recharge",
+                          transfers=(TransferSpec(f"{key}/0", clearing, chart.wallet_account(pan), amount),))
+        outcome = self.submit(entry, lambda conn, _o: conn.execute(insert(recharges), [row]))
+        return self._finish(outcome, recharges, msgid, request_hash, row)
+
+    def pay(self, ctx: TerminalContext, req: dict) -> dict:
+        """A merchant takes a card or QR payment from the wallet.
+
+        Body: ``{"msgid", "amount_fen", "payment": {card or qr authorisation}}``. Raises
+        Invalid, NotFound, Rejected (card checks; ``insufficient_funds`` 402), Conflict."""
+        if ctx.org_kind != "merchant":
+            raise Rejected("terminal_not_a_merchant", f"terminal {ctx.terminal_id} is not a merchant terminal")
+        msgid = text_field(req, "msgid")
+        amount = amount_field(req)
+        payment = req.get("payment")
+        if not isinstance(payment, dict) or payment.get("method") not in ("card", "qr"):
+            raise Invalid("payment_method_unknown", "payment.method must be 'card' or 'qr'", field="payment.method")
+        ident = payment.get("pan") if payment["method"] == "card" else payment.get("payload")
+        request_hash = fingerprint({"amount_fen": amount, "method": payment["method"], "merchant": ctx.org_code,
+                                    "pan": payment.get("pan")})
+        replay = self._replay(payments, msgid, request_hash)
+        if replay is not None:
+            return replay
+        if not isinstance(ident, str):
+            raise Invalid("field_invalid", "payment: card data missing", field="payment")
+        auth = self.cards.authorise(payment, amount_fen=amount, terminal_id=ctx.terminal_id,
+                                    today=self.days.current())
+        key = f"pay:{ctx.org_code}:{msgid}"
+        payable = chart.merchant_payable(ctx.org_code)
+        self.accounts.ensure([payable, chart.wallet_account(auth.pan)])
+        row = dict(payment_id=derived_id("P", key), msgid=msgid, org_code=ctx.org_code, terminal_id=ctx.terminal_id,
+                   pan=auth.pan, pay_method=auth.method, amount_fen=amount, business_date=self.days.current(),
+                   request_hash=request_hash, entry_key=key, created_ts=self.clock_us())
+        entry = EntrySpec(key=key, kind="payment",
+                          transfers=(TransferSpec(f"{key}/0", chart.wallet_account(auth.pan), payable, amount),))
+        outcome = self.submit(entry, lambda conn, _o: conn.execute(insert(payments), [row]))
+        doc = self._finish(outcome, payments, msgid, request_hash, row)
+        doc["arpc"] = auth.arpc_hex
+        return doc
+
+    def _finish(self, outcome: EntryOutcome, table, msgid: str, request_hash: str, row: dict) -> dict:
+        if outcome.ok:
+            if outcome.replayed:
+                replay = self._replay(table, msgid, request_hash)
+                if replay is not None:
+                    return replay
+            doc = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
+                   if k not in ("request_hash", "entry_key", "created_ts")}
+            doc["replayed"] = False
+            return doc
+        if outcome.transfer_result is TransferResult.EXCEEDS_CREDITS:
+            raise Rejected("insufficient_funds", "the card wallet does not hold enough", status=402)
+        if outcome.result is EntryResult.EXISTS_WITH_DIFFERENT_CONTENT:
+            raise Conflict("exists_with_different_content", f"msgid {msgid} was used for another request")
+        raise Conflict(outcome.result.name.lower(), outcome.detail)
+
+    def contribute(self, *, key: str, bank: str, account: str, amount_fen: int) -> EntryOutcome:
+        """A contribution collected by ``bank`` credited to a fund or personal account
+        (operator action, idempotent by ``key``). Raises Invalid for a bad account or amount."""
+        if not (account.startswith("fund:") or account.startswith("personal_account:")):
+            raise Invalid("account_invalid", f"{account}: contributions go to a fund or a personal account")
+        amount_field({"amount_fen": amount_fen})
+        clearing = chart.payout_clearing(bank)
+        self.accounts.ensure([clearing, account])
+        entry = EntrySpec(key=key, kind="contribution",
+                          transfers=(TransferSpec(f"{key}/0", clearing, account, amount_fen),))
+        outcome = self.submit(entry, None)
+        if not outcome.ok:
+            raise Conflict(outcome.result.name.lower(), outcome.detail)
+        return outcome
+
+
+__all__ = ["WalletService", "amount_field", "NotFound"]

@@ -1,0 +1,136 @@
+"""The terminal SDK: a cashier or merchant terminal's client of the engine.
+
+Every request is signed with the terminal's Ed25519 key (RFC 9421 via :class:`TerminalSigner`)
+and every answer's signature is verified against the engine's public key before it is
+believed; a problem answer (RFC 9457) raises :class:`EngineError` carrying it.
+
+A settlement whose answer was lost (timeout, connection reset) is resolved by
+:meth:`TerminalClient.settle_safely`: it asks the engine what that message id settled (NHSA
+5203) and only re-sends the same request — same ``msgid``, same visit and charge batch, so the
+engine's idempotency returns the first settlement — when the engine has no record of it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from terminals.signing import SignatureError, TerminalSigner, verify_response
+
+RETRIES_MAX = 3
+
+
+class EngineError(Exception):
+    """The engine answered with an RFC 9457 problem (``status``, ``code``, ``problem``)."""
+
+    def __init__(self, status: int, problem: dict) -> None:
+        self.status = status
+        self.problem = problem
+        self.code = problem.get("code", "unknown")
+        super().__init__(f"{status} {self.code}: {problem.get('detail', '')}")
+
+
+class UntrustedAnswer(Exception):
+    """The answer's signature did not verify: it may not come from the engine."""
+
+
+class TerminalClient:
+    """A signed client for one terminal. ``engine_public_key`` verifies the engine's answers."""
+
+    def __init__(self, base_url: str, terminal_id: str, private_key: Ed25519PrivateKey,
+                 engine_public_key: Ed25519PublicKey, *, timeout_s: float = 10.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.terminal_id = terminal_id
+        self.engine_public_key = engine_public_key
+        self.http = httpx.Client(base_url=base_url, auth=TerminalSigner(terminal_id, private_key),
+                                 timeout=timeout_s, transport=transport)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.http.close()
+
+    def __enter__(self) -> "TerminalClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transport
+    def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> dict:
+        """Send a signed request; verify the signed answer; return its JSON.
+
+        Raises EngineError for a problem answer, UntrustedAnswer for a bad answer signature and
+        httpx.TransportError when the answer was lost."""
+        content = json.dumps(body, ensure_ascii=False).encode() if body is not None else b""
+        headers = {"content-type": "application/json"} if body is not None else {}
+        response = self.http.request(method, path, content=content, headers=headers, params=params)
+        try:
+            verify_response(response.status_code, response.headers, response.content,
+                            request_method=response.request.method, request_url=str(response.request.url),
+                            request_headers=response.request.headers,
+                            resolve_public_key=lambda k: self.engine_public_key if k == "engine" else None,
+                            now=int(time.time()))
+        except SignatureError as exc:
+            raise UntrustedAnswer(f"{response.status_code} answer failed verification: {exc}") from None
+        doc = response.json() if response.content else {}
+        if response.status_code >= 400:
+            raise EngineError(response.status_code, doc)
+        return doc
+
+    # ------------------------------------------------------------------ medical settlement
+    def presettle(self, visit: dict) -> dict:
+        """NHSA 2206: the split of a bill; nothing moves."""
+        return self.call("POST", "/v1/settlements/presettle", visit)
+
+    def settle(self, visit: dict) -> dict:
+        """NHSA 2207: settle; a repeat of the same visit and batch returns the first result."""
+        return self.call("POST", "/v1/settlements", visit)
+
+    def query(self, msgid: str) -> dict:
+        """NHSA 5203: the settlement a message produced (EngineError 404 when none)."""
+        return self.call("GET", "/v1/settlements", params={"msgid": msgid})
+
+    def settle_safely(self, visit: dict) -> dict:
+        """Settle, resolving a lost answer by query before any retry (never settles twice)."""
+        for attempt in range(RETRIES_MAX):
+            try:
+                return self.settle(visit)
+            except httpx.TransportError:
+                try:
+                    return self.query(visit["msgid"])
+                except EngineError as exc:
+                    if exc.status != 404 or attempt == RETRIES_MAX - 1:
+                        raise
+                except httpx.TransportError:
+                    if attempt == RETRIES_MAX - 1:
+                        raise
+        raise RuntimeError("unreachable")
+
+    def cancel(self, setl_id: str, msgid: str) -> dict:
+        """NHSA 2208: cancel a settlement (once)."""
+        return self.call("POST", f"/v1/settlements/{setl_id}/cancel", {"msgid": msgid})
+
+    def refund(self, setl_id: str, msgid: str, returns: list[dict]) -> dict:
+        """Partial refund of ``returns`` = ``[{"feedetl_sn", "cnt"}]``."""
+        return self.call("POST", f"/v1/settlements/{setl_id}/refund", {"msgid": msgid, "returns": returns})
+
+    # ------------------------------------------------------------------ wallet
+    def pay(self, msgid: str, amount_fen: int, payment: dict) -> dict:
+        """A merchant payment from the card wallet."""
+        return self.call("POST", "/v1/payments", {"msgid": msgid, "amount_fen": amount_fen, "payment": payment})
+
+    def recharge(self, msgid: str, pan: str, amount_fen: int) -> dict:
+        """A wallet recharge through this channel terminal."""
+        return self.call("POST", "/v1/recharges", {"msgid": msgid, "pan": pan, "amount_fen": amount_fen})
+
+    def card(self, pan: str) -> dict:
+        """Card status and wallet balance."""
+        return self.call("GET", f"/v1/cards/{pan}")
+
+    def close_batch(self, report: dict) -> dict:
+        """Close this terminal's batch for a business day with its own counts and totals."""
+        return self.call("POST", "/v1/batches/close", report)

@@ -1,0 +1,364 @@
+"""Batch close and day close: finance closes every day to the fen.
+
+* **Batch close** — each terminal reports its own counts and totals for the business day; the
+  engine computes the same figures from what it booked for that terminal and records whether
+  they agree (``balanced``) or not (``out_of_balance``, naming every differing figure).
+  Idempotent: the same report again returns the stored result; another report is a conflict.
+* **Day close** — the engine checks that every terminal that transacted closed its batch,
+  cross-checks every settlement, payment and recharge row against its ledger entry (per
+  entry, what each payer moved in the ledger equals what the rows say), posts the day's
+  clearing (clinic and merchant payables paid out of the centre's bank account; channels'
+  receivables settled into it), seals the journal's hash chain, recomputes every balance from
+  the journal, and writes the report: totals per clinic, per fund and per channel, the trial
+  balance and every discrepancy. Closing a closed day returns its stored report.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import Engine, insert, select
+
+from ledger import schema as ls
+from ledger.db import run_with_retry
+from ledger.errors import Conflict, Invalid
+from ledger.model import EntryOutcome, EntrySpec, TransferSpec
+from ledger.money import format_yuan
+from ledger.store import Ledger
+from settlement import chart
+from settlement.days import BusinessDays
+from settlement.nhsa import clr_type_for
+from settlement.schema import payments, recharges, settlements
+from settlement.service import AccountCache, TerminalContext
+from terminals.schema import batch_closes, orgs, terminals
+
+SETTLEMENT_FIGURES = ("count", "medfee_sumamt", "fund_pay_sumamt", "acct_pay", "psn_cash_pay", "wallet_pay")
+AMOUNT_FIGURES = ("count", "amount_fen")
+
+
+def empty_batch() -> dict:
+    """The shape of a batch report with every figure zero (counts and int fen)."""
+    return {"settlements": dict.fromkeys(SETTLEMENT_FIGURES, 0),
+            "cancellations": dict.fromkeys(SETTLEMENT_FIGURES, 0),
+            "payments": dict.fromkeys(AMOUNT_FIGURES, 0),
+            "recharges": dict.fromkeys(AMOUNT_FIGURES, 0)}
+
+
+def _iso(value) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+class DayCloser:
+    """Batch closes and the day close over one database."""
+
+    def __init__(self, engine: Engine, ledger: Ledger, submit: Callable[..., EntryOutcome], days: BusinessDays,
+                 accounts: AccountCache, clock_us: Callable[[], int]) -> None:
+        self.engine = engine
+        self.ledger = ledger
+        self.submit = submit
+        self.days = days
+        self.accounts = accounts
+        self.clock_us = clock_us
+
+    # ------------------------------------------------------------------ batch close
+    def computed_batch(self, terminal_id: str, day: dt.date) -> dict:
+        """The engine's own figures for one terminal and business day (same shape as the report)."""
+        out = empty_batch()
+        with self.engine.connect() as conn:
+            for r in conn.execute(select(settlements).where(settlements.c.terminal_id == terminal_id,
+                                                            settlements.c.business_date == day)):
+                group = out["settlements" if r.kind == "settlement" else "cancellations"]
+                group["count"] += 1
+                for f in SETTLEMENT_FIGURES[1:]:
+                    group[f] += getattr(r, f)
+            for table, name in ((payments, "payments"), (recharges, "recharges")):
+                for r in conn.execute(select(table.c.amount_fen).where(table.c.terminal_id == terminal_id,
+                                                                       table.c.business_date == day)):
+                    out[name]["count"] += 1
+                    out[name]["amount_fen"] += r.amount_fen
+        return out
+
+    def close_batch(self, ctx: TerminalContext, req: dict) -> dict:
+        """Compare a terminal's batch report with the engine's figures and record the result.
+
+        Body: ``{"business_date": ISO date, "settlements": {...}, "cancellations": {...},
+        "payments": {...}, "recharges": {...}}`` with the figures of :func:`empty_batch` (ints).
+        Returns ``{"result": "balanced" | "out_of_balance", "differences": [...], "computed",
+        "reported", "replayed"}``. Raises Invalid or Conflict (closed before with other figures)."""
+        if not isinstance(req, dict):
+            raise Invalid("body_invalid", "the request body must be a JSON object")
+        try:
+            day = dt.date.fromisoformat(str(req.get("business_date")))
+        except ValueError:
+            raise Invalid("field_invalid", "business_date: an ISO date is required", field="business_date") from None
+        reported = empty_batch()
+        for group, figures in reported.items():
+            given = req.get(group, {})
+            if not isinstance(given, dict):
+                raise Invalid("field_invalid", f"{group}: must be an object", field=group)
+            for name in figures:
+                value = given.get(name, 0)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise Invalid("field_invalid", f"{group}.{name}: must be a non-negative integer",
+                                  field=f"{group}.{name}")
+                figures[name] = value
+        with self.engine.connect() as conn:
+            row = conn.execute(select(batch_closes).where(batch_closes.c.terminal_id == ctx.terminal_id,
+                                                          batch_closes.c.business_date == day)).first()
+        if row is not None:
+            if json.loads(row.reported) != reported:
+                raise Conflict("batch_already_closed", f"the batch of {day} was closed with other figures")
+            return self._batch_doc(json.loads(row.computed), reported, row.result, replayed=True)
+        computed = self.computed_batch(ctx.terminal_id, day)
+        differences = [f"{g}.{n}: terminal {reported[g][n]} engine {computed[g][n]}"
+                       for g in computed for n in computed[g] if computed[g][n] != reported[g][n]]
+        result = "balanced" if not differences else "out_of_balance"
+
+        def work(conn):
+            conn.execute(insert(batch_closes).values(
+                terminal_id=ctx.terminal_id, business_date=day, reported=json.dumps(reported, sort_keys=True),
+                computed=json.dumps(computed, sort_keys=True), result=result, closed_ts=self.clock_us()))
+        run_with_retry(self.engine, work, retry_on_unique=False)
+        return self._batch_doc(computed, reported, result, replayed=False)
+
+    @staticmethod
+    def _batch_doc(computed: dict, reported: dict, result: str, *, replayed: bool) -> dict:
+        differences = [f"{g}.{n}: terminal {reported[g][n]} engine {computed[g][n]}"
+                       for g in computed for n in computed[g] if computed[g][n] != reported[g][n]]
+        return {"result": result, "differences": differences, "computed": computed, "reported": reported,
+                "replayed": replayed}
+
+    # ------------------------------------------------------------------ day close
+    def close_day(self, out_dir: Path | None = None, *, synthetic_note: str = "") -> dict:
+        """Close the open business day; write ``report.json`` and CSVs to ``out_dir``.
+
+        Returns the report (see module docstring). Idempotent per day: after the close, the next
+        call closes the next day (usually empty)."""
+        day = self.days.current()
+        discrepancies: list[dict] = []
+        with self.engine.connect() as conn:
+            setl_rows = conn.execute(select(settlements).where(settlements.c.business_date == day)
+                                     .order_by(settlements.c.created_ts)).all()
+            pay_rows = conn.execute(select(payments).where(payments.c.business_date == day)).all()
+            rch_rows = conn.execute(select(recharges).where(recharges.c.business_date == day)).all()
+            closes = {r.terminal_id: r for r in conn.execute(select(batch_closes)
+                                                             .where(batch_closes.c.business_date == day))}
+            term_rows = conn.execute(select(terminals.c.terminal_id, terminals.c.org_code, orgs.c.kind, orgs.c.name)
+                                     .select_from(terminals.join(orgs, orgs.c.code == terminals.c.org_code))).all()
+            org_names = {r.code: r.name for r in conn.execute(select(orgs.c.code, orgs.c.name))}
+        active = {r.terminal_id for r in setl_rows} | {r.terminal_id for r in pay_rows} | {r.terminal_id for r in rch_rows}
+        for t in sorted(active):
+            if t not in closes:
+                discrepancies.append({"kind": "batch_not_closed", "terminal_id": t,
+                                      "detail": f"terminal {t} transacted on {day} but did not close its batch"})
+        for t, r in sorted(closes.items()):
+            if r.result != "balanced":
+                reported, computed = json.loads(r.reported), json.loads(r.computed)
+                discrepancies.append({"kind": "batch_out_of_balance", "terminal_id": t,
+                                      "detail": "; ".join(self._batch_doc(computed, reported, r.result,
+                                                                          replayed=True)["differences"])})
+        discrepancies += self._cross_check(setl_rows, pay_rows, rch_rows)
+
+        per_clinic: dict[str, dict] = defaultdict(lambda: dict(count=0, cancellations=0, medfee_sumamt=0,
+                                                               fund_pay_sumamt=0, hifp_pay=0, acct_pay=0,
+                                                               psn_cash_pay=0, wallet_pay=0))
+        per_insutype: dict[tuple, dict] = defaultdict(lambda: dict(fixmedins_setl_cnt=0, medfee_sumamt=0,
+                                                                   fund_pay_sumamt=0, acct_pay=0))
+        for r in setl_rows:
+            sign = 1 if r.kind == "settlement" else -1
+            c = per_clinic[r.fixmedins_code]
+            c["count" if sign > 0 else "cancellations"] += 1
+            for f in ("medfee_sumamt", "fund_pay_sumamt", "hifp_pay", "acct_pay", "psn_cash_pay", "wallet_pay"):
+                c[f] += sign * getattr(r, f)
+            g = per_insutype[(r.insutype, clr_type_for(r.med_type))]
+            g["fixmedins_setl_cnt"] += sign
+            for f in ("medfee_sumamt", "fund_pay_sumamt", "acct_pay"):
+                g[f] += sign * getattr(r, f)
+        per_channel: dict[str, dict] = defaultdict(lambda: dict(count=0, amount_fen=0))
+        for r in rch_rows:
+            per_channel[r.channel]["count"] += 1
+            per_channel[r.channel]["amount_fen"] += r.amount_fen
+        per_merchant: dict[str, dict] = defaultdict(lambda: dict(count=0, amount_fen=0))
+        for r in pay_rows:
+            per_merchant[r.org_code]["count"] += 1
+            per_merchant[r.org_code]["amount_fen"] += r.amount_fen
+        per_fund = self._fund_flows(setl_rows)
+
+        clearing = self._post_clearing(day)
+        self.ledger.seal()
+        problems = self.ledger.verify()
+        for p in problems:
+            discrepancies.append({"kind": "ledger_verify", "detail": p})
+        tb = self.ledger.trial_balance()
+        debits, credits = tb.debits_fen.get(1, 0), tb.credits_fen.get(1, 0)
+        if debits != credits:
+            discrepancies.append({"kind": "trial_balance", "detail": f"debits {debits} != credits {credits}"})
+        settled = [r for r in setl_rows if r.kind == "settlement"]
+        cancelled = [r for r in setl_rows if r.kind == "cancellation"]
+        report = {
+            "business_date": day.isoformat(),
+            "timezone": "Asia/Shanghai",
+            "closed_at_us": self.clock_us(),
+            "settlements": {
+                "count": len(settled), "cancellations": len(cancelled),
+                "medfee_sumamt": sum(r.medfee_sumamt for r in settled) - sum(r.medfee_sumamt for r in cancelled),
+                "fund_pay_sumamt": sum(r.fund_pay_sumamt for r in settled) - sum(r.fund_pay_sumamt for r in cancelled),
+                "acct_pay": sum(r.acct_pay for r in settled) - sum(r.acct_pay for r in cancelled),
+                "psn_cash_pay": sum(r.psn_cash_pay for r in settled) - sum(r.psn_cash_pay for r in cancelled),
+                "wallet_pay": sum(r.wallet_pay for r in settled) - sum(r.wallet_pay for r in cancelled),
+                "note": "net of cancellations and partial refunds; amounts in fen",
+            },
+            "payments": {"count": len(pay_rows), "amount_fen": sum(r.amount_fen for r in pay_rows)},
+            "recharges": {"count": len(rch_rows), "amount_fen": sum(r.amount_fen for r in rch_rows)},
+            "per_clinic": {k: dict(v, name=org_names.get(k, "")) for k, v in sorted(per_clinic.items())},
+            "per_fund": per_fund,
+            "per_channel": {k: dict(v, name=org_names.get(k, "")) for k, v in sorted(per_channel.items())},
+            "per_merchant": {k: dict(v, name=org_names.get(k, "")) for k, v in sorted(per_merchant.items())},
+            "nhsa_3201": [dict(insutype=k[0], clr_type=k[1], **v) for k, v in sorted(per_insutype.items())],
+            "batches": {t: r.result for t, r in sorted(closes.items())},
+            "clearing": clearing,
+            "trial_balance": {"debits_fen": debits, "credits_fen": credits, "balanced": debits == credits,
+                              "memo_debits_fen": tb.debits_fen.get(2, 0), "memo_credits_fen": tb.credits_fen.get(2, 0)},
+            "ledger_verify": {"problems": problems},
+            "discrepancies": discrepancies,
+            "synthetic_data": synthetic_note,
+            "terminals": len(term_rows),
+        }
+        if out_dir is not None:
+            self.write_report(report, setl_rows, Path(out_dir))
+        self.days.close(day, report)
+        return report
+
+    def _fund_flows(self, setl_rows) -> dict:
+        """Net paid per payer account family over the day's settlement rows (fen)."""
+        out: dict[str, int] = defaultdict(int)
+        for r in setl_rows:
+            sign = 1 if r.kind == "settlement" else -1
+            info = json.loads(r.setlinfo)
+            pooled = chart.fund_account(chart.POOLED_FUND.get(r.insutype, r.insutype))
+            second = chart.fund_account(chart.SECOND_TIER_FUND.get(r.insutype, r.insutype))
+            out[pooled] += sign * info["hifp_pay"]
+            out[second] += sign * info.get("hifmi_pay", 0)
+            out["personal_accounts"] += sign * r.acct_pay
+            out["card_wallets"] += sign * r.wallet_pay
+            out["cash_at_counter"] += sign * (r.psn_cash_pay - r.wallet_pay)
+        return dict(sorted(out.items()))
+
+    def _cross_check(self, setl_rows, pay_rows, rch_rows) -> list[dict]:
+        """Per ledger entry, compare the money each payer family moved with the rows."""
+        expected: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for r in setl_rows:
+            sign = 1 if r.kind == "settlement" else -1
+            key = r.entry_key[:-2] if r.entry_key.endswith("~c") else r.entry_key
+            info = json.loads(r.setlinfo)
+            e = expected[key]
+            e["fund"] += sign * (info["hifp_pay"] + info.get("hifmi_pay", 0))
+            e["personal_account"] += sign * r.acct_pay
+            e["wallet"] += sign * r.wallet_pay
+        for r in pay_rows:
+            expected[r.entry_key]["wallet"] += r.amount_fen
+        for r in rch_rows:
+            expected[r.entry_key]["wallet"] -= r.amount_fen
+        if not expected:
+            return []
+        t, e, a = ls.transfers, ls.entries, ls.accounts
+        found: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        seen: set[str] = set()
+        keys = list(expected)
+        d_acc, c_acc = a.alias("d"), a.alias("c")
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), 500):
+                rows = conn.execute(select(e.c.key, d_acc.c.name.label("debit"), c_acc.c.name.label("credit"), t.c.amount)
+                                    .select_from(t.join(e, e.c.id == t.c.entry_id)
+                                                 .join(d_acc, d_acc.c.id == t.c.debit_account_id)
+                                                 .join(c_acc, c_acc.c.id == t.c.credit_account_id))
+                                    .where(e.c.key.in_(keys[i:i + 500]))).all()
+                for r in rows:
+                    seen.add(r.key)
+                    for name, sign in ((r.debit, 1), (r.credit, -1)):
+                        family = name.split(":", 1)[0]
+                        if family in ("fund", "personal_account", "wallet"):
+                            found[r.key][family] += sign * r.amount
+        out = []
+        for key, figures in expected.items():
+            if key not in seen and any(figures.values()):
+                out.append({"kind": "entry_missing", "entry_key": key,
+                            "detail": f"rows of {key} have no ledger entry"})
+                continue
+            for family in ("fund", "personal_account", "wallet"):
+                if figures.get(family, 0) != found[key].get(family, 0):
+                    out.append({"kind": "row_vs_ledger", "entry_key": key,
+                                "detail": f"{family}: rows {figures.get(family, 0)} ledger {found[key].get(family, 0)}"})
+        return out
+
+    def _post_clearing(self, day: dt.date) -> list[dict]:
+        """Pay out every clinic's and merchant's payable and settle every channel's receivable
+        through ``bank:centre`` (idempotent by day and account)."""
+        tb = self.ledger.trial_balance()
+        self.accounts.ensure([chart.BANK_CENTRE])
+        out = []
+        for b in tb.accounts:
+            family = b.name.split(":", 1)[0]
+            if family in ("clinic_payable", "merchant_payable"):
+                amount = b.credits_posted - b.debits_posted
+                debit, credit = b.name, chart.BANK_CENTRE
+            elif family == "channel_clearing":
+                amount = b.debits_posted - b.credits_posted
+                debit, credit = chart.BANK_CENTRE, b.name
+            else:
+                continue
+            if amount <= 0:
+                continue
+            key = f"clear:{day.isoformat()}:{b.name}"
+            outcome = self.submit(EntrySpec(key=key, kind="clearing",
+                                            transfers=(TransferSpec(f"{key}/0", debit, credit, amount),)), None)
+            out.append({"account": b.name, "amount_fen": amount, "yuan": format_yuan(amount),
+                        "result": outcome.result.name.lower(), "replayed": outcome.replayed})
+        return out
+
+    @staticmethod
+    def write_report(report: dict, setl_rows, out_dir: Path) -> None:
+        """Write report.json, per-clinic / per-fund / per-channel CSVs and the 3202-style
+        settlement detail file into ``out_dir`` (created if needed). Amounts in fen and yuan."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, sort_keys=True))
+        with open(out_dir / "per_clinic.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["fixmedins_code", "name", "count", "cancellations", "medfee_sumamt_fen", "fund_pay_sumamt_fen",
+                        "acct_pay_fen", "psn_cash_pay_fen", "wallet_pay_fen", "medfee_sumamt_yuan"])
+            for code, c in report["per_clinic"].items():
+                w.writerow([code, c["name"], c["count"], c["cancellations"], c["medfee_sumamt"], c["fund_pay_sumamt"],
+                            c["acct_pay"], c["psn_cash_pay"], c["wallet_pay"], format_yuan(c["medfee_sumamt"])])
+        with open(out_dir / "per_fund.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["payer", "net_paid_fen", "net_paid_yuan"])
+            for name, amount in report["per_fund"].items():
+                w.writerow([name, amount, format_yuan(amount)])
+        with open(out_dir / "per_channel.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["channel", "name", "count", "amount_fen", "amount_yuan"])
+            for code, c in report["per_channel"].items():
+                w.writerow([code, c["name"], c["count"], c["amount_fen"], format_yuan(c["amount_fen"])])
+        with open(out_dir / "settlements_3202.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["setl_id", "mdtrt_id", "psn_no", "fixmedins_code", "kind", "original_setl_id", "insutype",
+                        "clr_type", "medfee_sumamt", "fund_pay_sumamt", "acct_pay", "cash_payamt", "refd_setl_flag"])
+            for r in setl_rows:
+                sign = 1 if r.kind == "settlement" else -1
+                w.writerow([r.setl_id, r.mdtrt_id, r.psn_no, r.fixmedins_code, r.kind, r.original_setl_id or "",
+                            r.insutype, clr_type_for(r.med_type), format_yuan(sign * r.medfee_sumamt),
+                            format_yuan(sign * r.fund_pay_sumamt), format_yuan(sign * r.acct_pay),
+                            format_yuan(sign * r.psn_cash_pay), "1" if sign < 0 else "0"])
+        with open(out_dir / "discrepancies.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["kind", "where", "detail"])
+            for d in report["discrepancies"]:
+                w.writerow([d["kind"], d.get("terminal_id") or d.get("entry_key", ""), d["detail"]])
+
+
+__all__ = ["DayCloser", "empty_batch", "_iso"]
