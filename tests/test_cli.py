@@ -1,0 +1,106 @@
+"""The command line as a user runs it: ``citizencard split``, ``day`` and ``ledger verify``."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+VECTOR = Path(__file__).parent / "vectors" / "settlement-outpatient-01.json"
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=_env())
+
+
+def _env() -> dict:
+    import os
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("CITIZENCARD_DB", None)
+    return env
+
+
+def test_split_reproduces_every_figure_of_the_shared_vector():
+    vector = json.loads(VECTOR.read_text())
+    run = cli("split", str(VECTOR))
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    by_sn = {line["feedetl_sn"]: line for line in out["lines"]}
+    for expected in vector["expected_lines"]:
+        got = by_sn[expected["feedetl_sn"]]
+        for k, v in expected.items():
+            assert got[k] == v, (expected["feedetl_sn"], k)
+    for k, v in vector["expected_setlinfo"].items():
+        assert out["setlinfo"][k] == v, k
+    variants = {v["name"]: v for v in out.get("variants", [])}
+    for variant in vector["variants"]:
+        if "expected_setlinfo" not in variant:
+            continue
+        got = variants[variant["name"]]["setlinfo"]
+        for k, v in variant["expected_setlinfo"].items():
+            assert got[k] == v, (variant["name"], k)
+    # The rounding guard (variant D): line 3's first self-pay is 11.045 yuan -> 1105 fen.
+    assert by_sn["3"]["preselfpay_amt"] == 1105
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "malformed JSON"),
+    ("[]", "must be a JSON object"),
+    ('{"policy": {}}', "bill"),
+    ('{"policy": {"fund_ratio": 0.7}, "bill": []}', "decimal string"),
+])
+def test_split_refuses_bad_input_with_one_line(tmp_path, content, message):
+    f = tmp_path / "bad.json"
+    f.write_text(content)
+    run = cli("split", str(f))
+    assert run.returncode == 2
+    assert message in run.stderr and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+
+
+def _bad_vector(tmp_path: Path, mutate) -> Path:
+    doc = json.loads(VECTOR.read_text())
+    mutate(doc)
+    f = tmp_path / "v.json"
+    f.write_text(json.dumps(doc))
+    return f
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["bill"][0].update(cnt="-1"), "cnt"),
+    (lambda d: d["bill"][0].update(chrgitm_lv="X"), "chrgitm_lv"),
+    (lambda d: d["bill"][0].update(pric="1" + "0" * 25), "pric"),
+    (lambda d: d["policy"].pop("fund_ratio"), "fund_ratio"),
+])
+def test_split_names_the_bad_field(tmp_path, mutate, field):
+    run = cli("split", str(_bad_vector(tmp_path, mutate)))
+    assert run.returncode == 2 and field in run.stderr, run.stderr
+
+
+def test_day_closes_clean_twice_and_ledger_verify_catches_an_edit(tmp_path):
+    db = tmp_path / "city.db"
+    args = ("day", "--visits", "24", "--cards", "12", "--seed", "3", "--db", f"sqlite:///{db}",
+            "--no-progress")
+    first = cli(*args, "--out", str(tmp_path / "r1"), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    r1 = json.loads((tmp_path / "r1" / "report.json").read_text())
+    assert r1["discrepancies"] == [] and r1["trial_balance"]["debits_fen"] == r1["trial_balance"]["credits_fen"]
+    assert r1["settlements"]["count"] > 0 and r1["settlements"]["medfee_sumamt"] > 0
+    for name in ("per_clinic.csv", "per_fund.csv", "per_channel.csv", "settlements_3202.csv"):
+        assert (tmp_path / "r1" / name).exists()
+    second = cli(*args, "--out", str(tmp_path / "r2"), cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    r2 = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert r2["business_date"] > r1["business_date"]  # a fresh business day, nothing mixed in
+    assert r2["discrepancies"] == []
+    ok = cli("ledger", "verify", "--db", f"sqlite:///{db}")
+    assert ok.returncode == 0, ok.stderr
+    with sqlite3.connect(db) as conn:  # someone edits history behind the ledger's back
+        conn.execute("UPDATE ledger_transfers SET amount = amount + 1 WHERE id = (SELECT min(id) FROM ledger_transfers)")
+    bad = cli("ledger", "verify", "--db", f"sqlite:///{db}")
+    assert bad.returncode == 1 and "mismatch" in bad.stderr

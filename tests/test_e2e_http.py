@@ -1,0 +1,221 @@
+"""End to end over real HTTP (uvicorn on loopback) with signed requests, on SQLite and on
+PostgreSQL: settle a visit and check the ledger; replay, cancel, refund; bad input posts nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from settlement import chart
+from settlement.catalogue import load_catalogue
+from terminals.client import EngineError
+from terminals.signing import sign_request
+from tests.engine_fixture import running_engine
+
+
+@pytest.fixture
+def eng(db_url, tmp_path):
+    with running_engine(db_url, tmp_path) as engine:
+        yield engine
+
+
+def catalogue_bill(engine) -> list[dict]:
+    """Three lines with real catalogue codes: one class A, one class B, one class C."""
+    items = list(load_catalogue(engine.catalogue_path))
+    pick = {}
+    for item in items:
+        if item.chrgitm_lv not in pick and item.basic_insurance_payable and not item.hints.inpatient_only:
+            pick[item.chrgitm_lv] = item
+    lines = []
+    for n, lv in enumerate(("A", "B", "C"), start=1):
+        item = pick[lv]
+        lines.append({"feedetl_sn": str(n), "hilist_code": item.hilist_code, "name": item.name,
+                      "pric": "123.40", "cnt": "3"})
+    return lines
+
+
+def visit(engine, n: int = 1, **extra) -> dict:
+    doc = {"msgid": f"TC000001{n:020d}", "mdtrt_id": f"MD{n:08d}", "chrg_bchno": f"B{n:04d}",
+           "psn_no": engine.psn_no, "med_type": "11", "lines": catalogue_bill(engine)}
+    doc.update(extra)
+    return doc
+
+
+def ledger_snapshot(engine) -> dict:
+    tb = engine.container.ledger.trial_balance()
+    return {b.name: (b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending) for b in tb.accounts}
+
+
+def test_settle_a_visit_over_signed_http_and_check_the_ledger(eng):
+    eng.channel.recharge("TH000001R0001", eng.card.pan, 100_000)
+    v = visit(eng)
+    pre = eng.clinic.presettle(v)
+    due = pre["setlinfo"]["psn_cash_pay"]
+    before = ledger_snapshot(eng)
+    assert eng.clinic.presettle(v) == pre and ledger_snapshot(eng) == before  # pre-settlement moves nothing
+    v["payment"] = eng.card_payment(due)
+    doc = eng.clinic.settle(v)
+    info = doc["setlinfo"]
+    assert doc["replayed"] is False and info == {**pre["setlinfo"], "setl_id": doc["setl_id"]} | {
+        k: info[k] for k in ("setl_id",)}
+    assert info["medfee_sumamt"] == info["fund_pay_sumamt"] + info["acct_pay"] + info["psn_cash_pay"]
+    assert doc["payment"]["wallet_pay_fen"] == due and len(doc["payment"]["arpc"]) == 16
+    # The ledger: one entry, all legs, into the clinic's payable.
+    assert eng.balance(chart.clinic_payable("H33030200009")) == info["fund_pay_sumamt"] + info["acct_pay"] + due
+    assert eng.balance(chart.wallet_account(eng.card.pan)) == 100_000 - due
+    assert eng.balance(chart.personal_account(eng.psn_no)) == 30_000 - info["acct_pay"]
+    assert eng.balance(chart.accumulator("hifp", eng.psn_no, eng.container.settlements.insu_year())) == info["hifp_pay"]
+    entry = eng.container.ledger.entry(f"setl:H33030200009:{v['mdtrt_id']}:{v['chrg_bchno']}")
+    assert entry is not None and entry.kind == "settlement"
+    assert eng.container.ledger.trial_balance().balanced
+    # The card verifies the engine's ARPC (issuer authentication).
+    assert eng.card.process_arpc(bytes.fromhex(doc["payment"]["arpc"]), b"00")
+
+
+def test_a_second_submission_returns_the_first_settlement_and_posts_nothing(eng):
+    v = visit(eng, 2)
+    first = eng.clinic.settle(v)
+    snap = ledger_snapshot(eng)
+    again = eng.clinic.settle(v)
+    assert again["replayed"] is True and again["setl_id"] == first["setl_id"]
+    assert again["setlinfo"] == first["setlinfo"]
+    assert ledger_snapshot(eng) == snap
+    assert eng.clinic.query(v["msgid"])["setl_id"] == first["setl_id"]
+    other = dict(v, lines=v["lines"][:1])
+    with pytest.raises(EngineError) as exc:
+        eng.clinic.settle(other)
+    assert exc.value.status == 409 and exc.value.code == "exists_with_different_content"
+    assert ledger_snapshot(eng) == snap
+
+
+def test_cancel_restores_balances_and_accumulators_exactly_once(eng):
+    snap = ledger_snapshot(eng)
+    doc = eng.clinic.settle(visit(eng, 3))
+    c = eng.clinic.cancel(doc["setl_id"], "TC000001CANCEL0003")
+    assert c["kind"] == "cancellation"
+    after = ledger_snapshot(eng)
+    for name, (d, cr, dp, cp) in after.items():
+        old = snap.get(name, (0, 0, 0, 0))
+        assert cr - d == old[1] - old[0], name  # every net balance is back
+    assert eng.clinic.cancel(doc["setl_id"], "TC000001CANCEL0003")["replayed"] is True
+    with pytest.raises(EngineError) as exc:
+        eng.clinic.cancel(doc["setl_id"], "TC000001CANCEL0099")
+    assert exc.value.status == 409
+    assert ledger_snapshot(eng) == after
+
+
+def test_partial_refund_gives_each_payer_its_difference(eng):
+    eng.channel.recharge("TH000001R0004", eng.card.pan, 100_000)
+    v = visit(eng, 4)
+    due = eng.clinic.presettle(v)["setlinfo"]["psn_cash_pay"]
+    v["payment"] = eng.card_payment(due)
+    doc = eng.clinic.settle(v)
+    wallet_before = eng.balance(chart.wallet_account(eng.card.pan))
+    acct_before = eng.balance(chart.personal_account(eng.psn_no))
+    r = eng.clinic.refund(doc["setl_id"], "TC000001REFUND0004", [{"feedetl_sn": "1", "cnt": "1"}])
+    assert r["original_setl_id"] == doc["setl_id"]
+    old, new = doc["setlinfo"], r["setlinfo"]
+    assert r["refund"]["medfee_sumamt"] == old["medfee_sumamt"] - new["medfee_sumamt"] > 0
+    assert eng.balance(chart.wallet_account(eng.card.pan)) - wallet_before == old["psn_cash_pay"] - new["psn_cash_pay"]
+    assert eng.balance(chart.personal_account(eng.psn_no)) - acct_before == old["acct_pay"] - new["acct_pay"]
+    # The new settlement can be queried, and the original cannot be refunded again.
+    assert eng.clinic.call("GET", f"/v1/settlements/{r['setl_id']}")["setlinfo"] == new
+    with pytest.raises(EngineError):
+        eng.clinic.refund(doc["setl_id"], "TC000001REFUND0099", [{"feedetl_sn": "1", "cnt": "1"}])
+
+
+def test_merchant_payment_and_insufficient_funds(eng):
+    eng.channel.recharge("TH000001R0005", eng.card.pan, 1_000)
+    paid = eng.merchant.pay("TM000001P0001", 600, eng.card_payment(600, "TM000001"))
+    assert paid["amount_fen"] == 600
+    snap = ledger_snapshot(eng)
+    with pytest.raises(EngineError) as exc:
+        eng.merchant.pay("TM000001P0002", 600, eng.card_payment(600, "TM000001"))
+    assert exc.value.status == 402 and exc.value.code == "insufficient_funds"
+    assert ledger_snapshot(eng) == snap
+    qr = eng.app.make_qr(int(time.time()), __import__("random").Random(1))
+    eng.channel.recharge("TH000001R0006", eng.app.pan, 500)
+    assert eng.merchant.pay("TM000001P0003", 300, {"method": "qr", "payload": qr})["pay_method"] == "qr"
+    with pytest.raises(EngineError) as exc:  # the same code again
+        eng.merchant.pay("TM000001P0004", 100, {"method": "qr", "payload": qr})
+    assert exc.value.status in (403, 409)
+
+
+def test_replayed_arqc_is_refused(eng):
+    eng.channel.recharge("TH000001R0007", eng.card.pan, 10_000)
+    payment = eng.card_payment(100, "TM000001")
+    eng.merchant.pay("TM000001P0010", 100, payment)
+    with pytest.raises(EngineError) as exc:
+        eng.merchant.pay("TM000001P0011", 100, payment)
+    assert exc.value.code == "atc_replayed"
+
+
+# ---------------------------------------------------------------- bad input posts nothing
+def raw_post(eng, path: str, body: bytes, *, sign: bool = True, key=None, tamper: bool = False) -> httpx.Response:
+    url = eng.base_url + path
+    headers = {"content-type": "application/json"}
+    if sign:
+        headers.update(sign_request("POST", url, headers, body, key_id="TC000001", private_key=key or eng.clinic_key,
+                                    created=int(time.time()), nonce=f"n{time.time_ns()}"))
+    if tamper:
+        body = body.replace(b"1", b"2", 1)
+    return httpx.post(url, content=body, headers=headers)
+
+
+@pytest.mark.parametrize("case, body, status, code", [
+    ("malformed json", b'{"msgid": ', 400, "malformed_json"),
+    ("float amount", b'{"msgid": "x", "price": 1.5}', 400, "malformed_json"),
+    ("negative quantity", None, 422, "line_invalid"),
+    ("unknown item class", None, 422, "line_invalid"),
+    ("amount overflow", None, 422, "line_invalid"),
+    ("missing lines", b'{"msgid": "m1", "mdtrt_id": "x", "chrg_bchno": "b", "psn_no": "p", "med_type": "11"}',
+     422, "field_invalid"),
+])
+def test_bad_settlement_input_is_a_problem_and_posts_nothing(eng, case, body, status, code):
+    if body is None:
+        v = visit(eng, 50)
+        line = dict(v["lines"][0])
+        if case == "negative quantity":
+            line["cnt"] = "-1"
+        elif case == "unknown item class":
+            line["chrgitm_lv"] = "X"
+        else:
+            line["pric"] = "99999999999999999999"
+        v["lines"] = [line]
+        body = json.dumps(v).encode()
+    snap = ledger_snapshot(eng)
+    resp = raw_post(eng, "/v1/settlements", body)
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    problem = resp.json()
+    assert problem["code"] == code and problem["status"] == status and problem["type"].startswith("https://")
+    assert "signature" in resp.headers  # problems are signed too
+    assert ledger_snapshot(eng) == snap
+
+
+def test_missing_wrong_and_tampered_signatures_are_refused(eng):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    body = json.dumps(visit(eng, 60)).encode()
+    snap = ledger_snapshot(eng)
+    missing = raw_post(eng, "/v1/settlements", body, sign=False)
+    assert missing.status_code == 401 and missing.json()["code"] == "signature_missing"
+    wrong = raw_post(eng, "/v1/settlements", body, key=Ed25519PrivateKey.generate())
+    assert wrong.status_code == 401 and wrong.json()["code"] == "signature_invalid"
+    tampered = raw_post(eng, "/v1/settlements", body, tamper=True)
+    assert tampered.status_code == 401 and tampered.json()["code"] == "digest_mismatch"
+    assert ledger_snapshot(eng) == snap
+
+
+def test_a_replayed_request_nonce_is_refused(eng):
+    url = eng.base_url + "/v1/settlements/presettle"
+    body = json.dumps(visit(eng, 61)).encode()
+    headers = {"content-type": "application/json"}
+    headers.update(sign_request("POST", url, headers, body, key_id="TC000001", private_key=eng.clinic_key,
+                                created=int(time.time()), nonce="same-nonce"))
+    assert httpx.post(url, content=body, headers=headers).status_code == 200
+    again = httpx.post(url, content=body, headers=headers)
+    assert again.status_code == 401 and again.json()["code"] == "nonce_replayed"
