@@ -30,6 +30,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ledger_app = typer.Typer(no_args_is_help=True, help="Ledger checks.")
 catalogue_app = typer.Typer(no_args_is_help=True, help="The item catalogue.")
 db_app = typer.Typer(no_args_is_help=True, help="Database maintenance.")
+nhsa_app = typer.Typer(no_args_is_help=True, help="NHSA-format exchange with the insurer.")
+app.add_typer(nhsa_app, name="nhsa")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(catalogue_app, name="catalogue")
 app.add_typer(db_app, name="db")
@@ -208,6 +210,44 @@ def catalogue_generate(out: Annotated[Path, typer.Option(help="Where to write th
 
     write_catalogue(generate_catalogue(SAMPLE_CSV, seed), out, seed=seed)
     Console().print(f"wrote {out}")
+
+
+@nhsa_app.command("export")
+def nhsa_export(date_from: Annotated[str, typer.Option("--from", help="First business date (ISO).")],
+                date_to: Annotated[str, typer.Option("--to", help="Last business date (ISO).")],
+                out: Annotated[Path, typer.Option(help="Folder for 3201.csv, 3202.csv and 2207.jsonl.")] = Path("var/nhsa"),
+                clinic: Annotated[str, typer.Option(help="Only this clinic (fixmedins_code).")] = "",
+                db: DbOption = None) -> None:
+    """Export booked settlements for a date range: 3201 totals, 3202 details, 2207 setlinfo."""
+    import csv
+    import datetime as dt
+
+    from ledger.db import make_engine
+    from settlement.exchange import export_period
+
+    try:
+        first, last = dt.date.fromisoformat(date_from), dt.date.fromisoformat(date_to)
+    except ValueError as exc:
+        fail(f"--from/--to: {exc}")
+    if last < first:
+        fail("--to is before --from")
+    engine = make_engine(_settings(db).db_url)
+    try:
+        doc = export_period(engine, first, last, fixmedins_code=clinic)
+    except Exception as exc:  # an unreachable or empty database: one line, not a traceback
+        fail(f"cannot read settlements: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    finally:
+        engine.dispose()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("3201", "3202"):
+        rows = doc[name]
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            if rows:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+    (out / "2207.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in doc["2207"]))
+    Console().print(f"{len(doc['3202'])} settlement records, {len(doc['3201'])} 3201 groups → {out}/")
 
 
 @db_app.command("upgrade")

@@ -98,6 +98,19 @@ def test_day_closes_clean_twice_and_ledger_verify_catches_an_edit(tmp_path):
     r2 = json.loads((tmp_path / "r2" / "report.json").read_text())
     assert r2["business_date"] > r1["business_date"]  # a fresh business day, nothing mixed in
     assert r2["discrepancies"] == []
+    # The insurer's 3201 totals for the first day agree with the day's report, to the fen.
+    exported = cli("nhsa", "export", "--from", r1["business_date"], "--to", r1["business_date"],
+                   "--out", str(tmp_path / "nhsa"), "--db", f"sqlite:///{db}")
+    assert exported.returncode == 0, exported.stderr
+    import csv
+    from ledger.money import parse_yuan
+    with open(tmp_path / "nhsa" / "3201.csv") as f:
+        rows = {(r["insutype"], r["clr_type"]): r for r in csv.DictReader(f)}
+    for group in r1["nhsa_3201"]:
+        row = rows[(group["insutype"], group["clr_type"])]
+        assert parse_yuan(row["medfee_sumamt"]) == group["medfee_sumamt"]
+        assert parse_yuan(row["fund_pay_sumamt"]) == group["fund_pay_sumamt"]
+        assert int(row["fixmedins_setl_cnt"]) == group["fixmedins_setl_cnt"]
     ok = cli("ledger", "verify", "--db", f"sqlite:///{db}")
     assert ok.returncode == 0, ok.stderr
     with sqlite3.connect(db) as conn:  # someone edits history behind the ledger's back
