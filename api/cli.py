@@ -91,13 +91,13 @@ def print_report(console: Console, report: dict, out: Path) -> None:
     """The day's summary as readable tables."""
     s = report["settlements"]
     console.print(f"\n[bold]Day {report['business_date']} closed[/bold] (Asia/Shanghai); report in {out}/")
-    t = Table(title="Per clinic (net of cancellations; yuan)")
-    for col in ("clinic", "settled", "cancelled", "medfee", "fund", "personal acct", "wallet", "cash"):
-        t.add_column(col, justify="right" if col != "clinic" else "left")
+    t = Table(title="Per clinic, net of cancellations (yuan)")
+    for col in ("clinic", "tier", "settled", "cancelled", "medfee", "funds", "account", "wallet", "cash"):
+        t.add_column(col, justify="left" if col == "clinic" else "right")
     for code, c in report["per_clinic"].items():
-        t.add_row(f"{code} {c['name']}", str(c["count"]), str(c["cancellations"]), format_yuan(c["medfee_sumamt"]),
-                  format_yuan(c["fund_pay_sumamt"]), format_yuan(c["acct_pay"]), format_yuan(c["wallet_pay"]),
-                  format_yuan(c["psn_cash_pay"] - c["wallet_pay"]))
+        t.add_row(code, str(c.get("hospital_tier", "")), str(c["count"]), str(c["cancellations"]),
+                  format_yuan(c["medfee_sumamt"]), format_yuan(c["fund_pay_sumamt"]), format_yuan(c["acct_pay"]),
+                  format_yuan(c["wallet_pay"]), format_yuan(c["psn_cash_pay"] - c["wallet_pay"]))
     console.print(t)
     f = Table(title="Per payer (yuan)")
     f.add_column("payer")
@@ -110,7 +110,7 @@ def print_report(console: Console, report: dict, out: Path) -> None:
     ch.add_column("count", justify="right")
     ch.add_column("amount", justify="right")
     for code, c in report["per_channel"].items():
-        ch.add_row(f"{code} {c['name']}", str(c["count"]), format_yuan(c["amount_fen"]))
+        ch.add_row(code, str(c["count"]), format_yuan(c["amount_fen"]))
     console.print(ch)
     tb = report["trial_balance"]
     console.print(f"settlements {s['count']} (cancellations {s['cancellations']}), medfee {format_yuan(s['medfee_sumamt'])}"

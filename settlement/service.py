@@ -211,12 +211,16 @@ class SettlementService:
         """Insurance year of now: the calendar year of the local date (Asia/Shanghai)."""
         return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).year
 
-    def _accounts_for(self, citizen, year: int, mdtrt_id: str) -> dict[str, str]:
+    def _accounts_for(self, citizen, year: int, mdtrt_id: str, policy) -> dict[str, str]:
+        """The accounts a visit reads and moves. Outpatient and inpatient care have separate
+        annual caps, so the fund-paid accumulators are kept per care class (``op`` / ``ip``);
+        the outpatient deductible is per year, the inpatient one per admission (``mdtrt_id``)."""
         psn = citizen.psn_no
+        care = "ip" if policy.is_inpatient else "op"
         return {
             "dedc": chart.accumulator("dedc", psn, year),
-            "hifp": chart.accumulator("hifp", psn, year),
-            "hifmi": chart.accumulator("hifmi", psn, year),
+            "hifp": chart.accumulator(f"hifp_{care}", psn, year),
+            "hifmi": chart.accumulator(f"hifmi_{care}", psn, year),
             "admissions": chart.accumulator("admissions", psn, year),
             "adm_dedc": chart.accumulator("adm_dedc", psn, mdtrt_id),
             "personal": chart.personal_account(psn),
@@ -240,7 +244,7 @@ class SettlementService:
         visit = self.parse_visit(req)
         citizen = self.cards.citizen(visit.psn_no)
         policy = self._policy(ctx, citizen, visit.med_type)
-        names = self._accounts_for(citizen, self.insu_year(), visit.mdtrt_id)
+        names = self._accounts_for(citizen, self.insu_year(), visit.mdtrt_id, policy)
         self.accounts.ensure(list(names.values()))
         state, _ = self._read_state(names)
         result = self._split(policy, state, visit)
@@ -291,7 +295,7 @@ class SettlementService:
         citizen = self.cards.citizen(visit.psn_no)
         policy = self._policy(ctx, citizen, visit.med_type)
         year = self.insu_year()
-        names = self._accounts_for(citizen, year, visit.mdtrt_id)
+        names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         payable = chart.clinic_payable(ctx.org_code)
         self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
         business_date = self.days.current()
@@ -320,8 +324,12 @@ class SettlementService:
                             auth.pan if auth else None, wallet_pay, kind="settlement")
             doc = self._document_from(row, replayed=False, arpc=auth.arpc_hex if auth else "")
             if not legs:
-                self._insert_rows([row])
-                return doc
+                if self._insert_rows([row]):
+                    return doc
+                replay = self._replay_or_conflict(ctx, visit)
+                if replay is None:
+                    raise Conflict("msgid_reused", f"msgid {visit.msgid} was used for another request")
+                return replay
             entry = EntrySpec(
                 key=entry_key, kind="settlement",
                 transfers=tuple(TransferSpec(f"{entry_key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
@@ -388,9 +396,17 @@ class SettlementService:
                     lines=json.dumps([x.to_dict() for x in result.lines]), request_hash=visit.request_hash,
                     entry_key=entry_key, kind=kind, original_setl_id=original, created_ts=self.clock_us())
 
-    def _insert_rows(self, rows: list[dict]) -> None:
+    def _insert_rows(self, rows: list[dict]) -> bool:
+        """Insert settlement rows of an entry that moves no money (everything paid in cash at
+        the counter). Returns False when a concurrent duplicate inserted them first."""
+        from sqlalchemy.exc import IntegrityError
+
         from ledger.db import run_with_retry
-        run_with_retry(self.engine, lambda conn: conn.execute(insert(settlements), rows), retry_on_unique=False)
+        try:
+            run_with_retry(self.engine, lambda conn: conn.execute(insert(settlements), rows), retry_on_unique=False)
+        except IntegrityError:
+            return False
+        return True
 
     def _document_from(self, row: dict, *, replayed: bool, arpc: str = "") -> dict:
         return {
@@ -463,7 +479,11 @@ class SettlementService:
                    original_setl_id=setl_id, entry_key=key, business_date=self.days.current(),
                    created_ts=self.clock_us(), request_hash=fingerprint({"cancel": setl_id}))
         if not legs:
-            self._insert_rows([row])
+            if not self._insert_rows([row]):
+                done = self._find_reversal(orig, msgid)
+                if done is not None:
+                    return done
+                raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
         else:
             entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
                               transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
@@ -489,6 +509,13 @@ class SettlementService:
         if mine:
             return self._document(mine[-1], replayed=True)
         raise Conflict("already_cancelled", f"settlement {orig.setl_id} was already cancelled or refunded")
+
+    def _refund_document(self, new_row: dict, info0: dict, info, *, replayed: bool) -> dict:
+        """The new settlement's document plus what each payer got back (``refund``, fen)."""
+        doc = self._document_from(new_row, replayed=replayed)
+        doc["refund"] = {k: info0[k] - getattr(info, k) for k in
+                         ("medfee_sumamt", "hifp_pay", "hifmi_pay", "fund_pay_sumamt", "acct_pay", "psn_cash_pay")}
+        return doc
 
     def refund(self, ctx: TerminalContext, setl_id: str, req: dict) -> dict:
         """Partial refund: return ``returns`` = ``[{"feedetl_sn", "cnt"}]`` units of some lines.
@@ -528,7 +555,7 @@ class SettlementService:
         citizen = self.cards.citizen(orig.psn_no)
         policy = self._policy(ctx, citizen, orig.med_type)
         info0 = json.loads(orig.setlinfo)
-        names = self._accounts_for(citizen, orig.insu_year, orig.mdtrt_id)
+        names = self._accounts_for(citizen, orig.insu_year, orig.mdtrt_id, policy)
         payable = chart.clinic_payable(ctx.org_code)
         self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
         old_legs = self._own_legs(orig)
@@ -565,13 +592,17 @@ class SettlementService:
                               metadata={"setl_id": new_id, "legs_from": len(reverse)},
                               assertions=tuple(BalanceAssertion(names[k], net[k]) for k in
                                                ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "personal")))
+            if not transfers:  # nothing moved through the ledger either way: cash only
+                if not self._insert_rows([cancel_row, new_row]):
+                    done = self._find_reversal(orig, msgid)
+                    if done is not None:
+                        return done
+                    raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
+                return self._refund_document(new_row, info0, info, replayed=False)
             outcome = self.submit(entry, lambda conn, _o, rows=[cancel_row, new_row]:
                                   conn.execute(insert(settlements), rows))
             if outcome.ok:
-                doc = self._document_from(new_row, replayed=outcome.replayed)
-                doc["refund"] = {k: info0[k] - getattr(info, k) for k in
-                                 ("medfee_sumamt", "hifp_pay", "hifmi_pay", "fund_pay_sumamt", "acct_pay", "psn_cash_pay")}
-                return doc
+                return self._refund_document(new_row, info0, info, replayed=outcome.replayed)
             if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:
                 continue
             done = self._find_reversal(orig, msgid)

@@ -227,8 +227,8 @@ class Day:
         # Per-citizen job lists, in order: recharges first, then visits and payments.
         jobs: dict[int, list] = defaultdict(list)
         for i, z in enumerate(self.citizens):
-            low = plan_rng.random() < 0.12  # some wallets stay nearly empty: declines
-            amount = plan_rng.randrange(100, 3_000) if low else plan_rng.randrange(20_000, 300_000)
+            low = plan_rng.random() < 0.05  # a few wallets stay nearly empty: declines
+            amount = plan_rng.randrange(100, 3_000) if low else plan_rng.randrange(50_000, 400_000)
             jobs[i].append(("recharge", channels[0], z.card.pan, amount))
             if z.app:
                 jobs[i].append(("recharge", channels[1 % len(channels)], z.app.pan,
@@ -314,7 +314,7 @@ class Day:
             return
         _, _, v, method, follow, bill_seed = job
         mdtrt_id = f"{t.org_code}{day:%Y%m%d}{v:06d}"
-        lines = his.make_bill(mdtrt_id, random.Random(bill_seed))
+        lines = his.make_bill(mdtrt_id, random.Random(bill_seed), lines_max=5)
         visit = {"msgid": f"{t.terminal_id}{day:%Y%m%d}V{v:08d}", "mdtrt_id": mdtrt_id,
                  "chrg_bchno": HisSimulator.charge_batch_no(mdtrt_id), "psn_no": z.psn_no, "med_type": "11",
                  "mdtrt_cert_type": "03" if method == "card" else ("01" if method == "qr" else "02"),

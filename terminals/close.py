@@ -150,7 +150,9 @@ class DayCloser:
                                                              .where(batch_closes.c.business_date == day))}
             term_rows = conn.execute(select(terminals.c.terminal_id, terminals.c.org_code, orgs.c.kind, orgs.c.name)
                                      .select_from(terminals.join(orgs, orgs.c.code == terminals.c.org_code))).all()
-            org_names = {r.code: r.name for r in conn.execute(select(orgs.c.code, orgs.c.name))}
+            org_rows = conn.execute(select(orgs.c.code, orgs.c.name, orgs.c.hospital_tier)).all()
+        org_names = {r.code: r.name for r in org_rows}
+        tiers = {r.code: r.hospital_tier for r in org_rows}
         active = {r.terminal_id for r in setl_rows} | {r.terminal_id for r in pay_rows} | {r.terminal_id for r in rch_rows}
         for t in sorted(active):
             if t not in closes:
@@ -215,7 +217,8 @@ class DayCloser:
             },
             "payments": {"count": len(pay_rows), "amount_fen": sum(r.amount_fen for r in pay_rows)},
             "recharges": {"count": len(rch_rows), "amount_fen": sum(r.amount_fen for r in rch_rows)},
-            "per_clinic": {k: dict(v, name=org_names.get(k, "")) for k, v in sorted(per_clinic.items())},
+            "per_clinic": {k: dict(v, name=org_names.get(k, ""), hospital_tier=tiers.get(k))
+                           for k, v in sorted(per_clinic.items())},
             "per_fund": per_fund,
             "per_channel": {k: dict(v, name=org_names.get(k, "")) for k, v in sorted(per_channel.items())},
             "per_merchant": {k: dict(v, name=org_names.get(k, "")) for k, v in sorted(per_merchant.items())},

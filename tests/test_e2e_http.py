@@ -67,7 +67,7 @@ def test_settle_a_visit_over_signed_http_and_check_the_ledger(eng):
     assert eng.balance(chart.clinic_payable("H33030200009")) == info["fund_pay_sumamt"] + info["acct_pay"] + due
     assert eng.balance(chart.wallet_account(eng.card.pan)) == 100_000 - due
     assert eng.balance(chart.personal_account(eng.psn_no)) == 30_000 - info["acct_pay"]
-    assert eng.balance(chart.accumulator("hifp", eng.psn_no, eng.container.settlements.insu_year())) == info["hifp_pay"]
+    assert eng.balance(chart.accumulator("hifp_op", eng.psn_no, eng.container.settlements.insu_year())) == info["hifp_pay"]
     entry = eng.container.ledger.entry(f"setl:H33030200009:{v['mdtrt_id']}:{v['chrg_bchno']}")
     assert entry is not None and entry.kind == "settlement"
     assert eng.container.ledger.trial_balance().balanced
@@ -219,3 +219,69 @@ def test_a_replayed_request_nonce_is_refused(eng):
     assert httpx.post(url, content=body, headers=headers).status_code == 200
     again = httpx.post(url, content=body, headers=headers)
     assert again.status_code == 401 and again.json()["code"] == "nonce_replayed"
+
+
+class LosesFirstSettlementAnswer(httpx.HTTPTransport):
+    """Delivers every request, but the first answer to POST /v1/settlements is lost on the way
+    back (the engine did settle; the terminal sees a timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.method == "POST" and request.url.path == "/v1/settlements" and not self.lost:
+            response.read()
+            self.lost += 1
+            raise httpx.ReadTimeout("answer lost", request=request)
+        return response
+
+
+def test_a_lost_answer_is_resolved_by_query_never_by_a_second_settlement(eng):
+    from terminals.client import TerminalClient
+
+    transport = LosesFirstSettlementAnswer()
+    client = TerminalClient(eng.base_url, "TC000001", eng.clinic_key, eng.container.keys.engine_key.public_key(),
+                            transport=transport)
+    v = visit(eng, 70)
+    with client:
+        doc = client.settle_safely(v)
+    assert transport.lost == 1 and doc["replayed"] is True  # learnt from the query (NHSA 5203)
+    with eng.container.engine.connect() as conn:
+        from sqlalchemy import func, select
+
+        from settlement.schema import settlements
+        n = conn.scalar(select(func.count()).select_from(settlements).where(settlements.c.mdtrt_id == v["mdtrt_id"]))
+    assert n == 1
+    assert eng.clinic.settle(v)["setl_id"] == doc["setl_id"]  # a blind retry replays, never settles twice
+
+
+def test_an_answer_not_signed_by_the_engine_is_not_believed(eng):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from terminals.client import TerminalClient, UntrustedAnswer
+
+    impostor = Ed25519PrivateKey.generate().public_key()
+    with TerminalClient(eng.base_url, "TC000001", eng.clinic_key, impostor) as client:
+        with pytest.raises(UntrustedAnswer):
+            client.presettle(visit(eng, 71))
+
+
+def test_inpatient_interim_and_final_settlement_bear_one_admission_deductible(eng):
+    """NHSA 2304 with mid_setl_flag: the admission's deductible is borne once across the
+    interim and the final settlement; the final one closes the admission (admissions_ytd + 1)."""
+    year = eng.container.settlements.insu_year()
+    items = [i for i in load_catalogue(eng.catalogue_path) if i.chrgitm_lv == "A" and i.basic_insurance_payable]
+    lines = [{"feedetl_sn": "1", "hilist_code": items[0].hilist_code, "pric": "300.00", "cnt": "1"}]
+    base = {"psn_no": eng.psn_no, "med_type": "21", "mdtrt_id": "ADM0000001"}
+    interim = eng.clinic.settle(dict(base, msgid="TC000001IP1", chrg_bchno="B1", mid_setl_flag="1", lines=lines))
+    final = eng.clinic.settle(dict(base, msgid="TC000001IP2", chrg_bchno="B2", mid_setl_flag="0",
+                                   lines=[dict(lines[0], feedetl_sn="2", pric="900.00")]))
+    policy = eng.container.settlements.policies.find("310", False, 2, "21")
+    borne = interim["setlinfo"]["act_pay_dedc"] + final["setlinfo"]["act_pay_dedc"]
+    assert borne == min(policy.deductible_per_admission_fen, 120_000)
+    assert eng.balance(chart.accumulator("admissions", eng.psn_no, year)) == 1
+    assert eng.balance(chart.accumulator("dedc", eng.psn_no, year)) == 0  # the outpatient deductible is apart
+    assert eng.balance(chart.accumulator("hifp_ip", eng.psn_no, year)) == (
+        interim["setlinfo"]["hifp_pay"] + final["setlinfo"]["hifp_pay"])
