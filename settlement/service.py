@@ -148,6 +148,8 @@ class SettlementService:
         if interim not in ("0", "1"):
             raise Invalid("field_invalid", "mid_setl_flag: must be '0' or '1'", field="mid_setl_flag")
         raw_lines = req.get("lines")
+        if raw_lines is None and "feedetail" in req:
+            raw_lines = self.from_2204(req["feedetail"])
         if not isinstance(raw_lines, list) or not raw_lines:
             raise Invalid("field_invalid", "lines: must be a non-empty list of fee lines", field="lines")
         lines = self.classify(raw_lines)
@@ -160,6 +162,22 @@ class SettlementService:
                         lines=[[x.feedetl_sn, x.hilist_code, str(x.pric), str(x.cnt), x.chrgitm_lv] for x in lines])
         return Visit(msgid, mdtrt_id, chrg_bchno, psn_no, med_type, interim == "1", tuple(lines), payment,
                      fingerprint(business))
+
+    @staticmethod
+    def from_2204(feedetail) -> list[dict]:
+        """Fee details in the NHSA 2204 field names (``med_list_codg``, decimal yuan strings,
+        ``chrgitm_lv`` "01"/"02"/"03", optional ``det_item_fee_sumamt`` checked against
+        pric × cnt) as request lines. Raises Invalid naming the line and field."""
+        from settlement.nhsa import parse_fee_details
+
+        if isinstance(feedetail, list):  # the class comes from the catalogue; unknown codes are self-paid
+            feedetail = [dict({"chrgitm_lv": "03"}, **x) if isinstance(x, dict) else x for x in feedetail]
+        try:
+            lines = parse_fee_details(feedetail, where="feedetail")
+        except SplitInputError as exc:
+            raise Invalid("line_invalid", str(exc)) from None
+        return [{"feedetl_sn": x.feedetl_sn, "hilist_code": x.hilist_code, "name": x.name, "pric": str(x.pric),
+                 "cnt": str(x.cnt), "chrgitm_lv": x.chrgitm_lv} for x in lines]
 
     def classify(self, raw_lines: list) -> list[BillLine]:
         """Turn request lines into BillLines classified by the insurer's catalogue.

@@ -285,3 +285,19 @@ def test_inpatient_interim_and_final_settlement_bear_one_admission_deductible(en
     assert eng.balance(chart.accumulator("dedc", eng.psn_no, year)) == 0  # the outpatient deductible is apart
     assert eng.balance(chart.accumulator("hifp_ip", eng.psn_no, year)) == (
         interim["setlinfo"]["hifp_pay"] + final["setlinfo"]["hifp_pay"])
+
+
+def test_fee_details_in_nhsa_2204_names_settle_like_lines(eng):
+    lines = catalogue_bill(eng)
+    feedetail = [{"feedetl_sn": x["feedetl_sn"], "med_list_codg": x["hilist_code"], "pric": x["pric"],
+                  "cnt": x["cnt"], "det_item_fee_sumamt": "370.20"} for x in lines]
+    v = visit(eng, 80)
+    pre_lines = eng.clinic.presettle(v)
+    v2204 = dict(v)
+    del v2204["lines"]
+    v2204["feedetail"] = feedetail
+    assert eng.clinic.presettle(v2204)["setlinfo"] == pre_lines["setlinfo"]
+    feedetail[0]["det_item_fee_sumamt"] = "370.21"  # does not equal pric × cnt
+    with pytest.raises(EngineError) as exc:
+        eng.clinic.presettle(v2204)
+    assert exc.value.status == 422 and "det_item_fee_sumamt" in exc.value.problem["detail"]
