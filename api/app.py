@@ -36,7 +36,7 @@ from api.bootstrap import Container
 from api.errors import PROBLEM_MEDIA_TYPE, from_domain, plain_problem_response, problem, problem_body
 from api.settings import BODY_BYTES_MAX, CLOCK_SKEW_S_MAX, SIGNATURE_AGE_S_MAX
 from card.accounts import wallet_account
-from ledger.errors import DomainError
+from ledger.errors import DomainError, Rejected
 from settlement.service import TerminalContext
 from terminals.nonce import NonceStoreError
 from terminals.signing import SignatureError, sign_response, verify_request
@@ -66,6 +66,10 @@ def create_app(container: Container) -> FastAPI:
 
     async def handle(request: Request, work: Callable[[TerminalContext, Any], Any], *,
                      status: int = 200, json_body: bool = True) -> Response:
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > BODY_BYTES_MAX:
+            return plain_problem_response(problem(413, "body_too_large", "Request too large",
+                                                  f"the body is over {BODY_BYTES_MAX} bytes"))
         body = await request.body()
         if len(body) > BODY_BYTES_MAX:
             return plain_problem_response(problem(413, "body_too_large", "Request too large",
@@ -153,7 +157,9 @@ def create_app(container: Container) -> FastAPI:
 
     @app.get("/v1/cards/{pan}")
     async def card(request: Request, pan: str) -> Response:
-        def work(_ctx, _p):
+        def work(ctx, _p):
+            if ctx.org_kind != "channel":  # balances are shown at recharge points, not to every till
+                raise Rejected("terminal_not_a_channel", "only recharge channels may read a card's balance")
             row = container.cards.card(pan)
             bal = container.ledger.balance(wallet_account(pan))
             return {"pan": pan, "status": row.status, "form": row.form, "wallet_available_fen": bal.available,

@@ -301,3 +301,17 @@ def test_fee_details_in_nhsa_2204_names_settle_like_lines(eng):
     with pytest.raises(EngineError) as exc:
         eng.clinic.presettle(v2204)
     assert exc.value.status == 422 and "det_item_fee_sumamt" in exc.value.problem["detail"]
+
+
+def test_card_balance_is_shown_to_recharge_channels_only(eng):
+    eng.channel.recharge("TH000001R0090", eng.card.pan, 1_234)
+    assert eng.channel.card(eng.card.pan)["wallet_available_fen"] == 1_234
+    with pytest.raises(EngineError) as exc:
+        eng.clinic.card(eng.card.pan)
+    assert exc.value.status == 403
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(eng):
+    body = b'{"msgid": "' + b"x" * 300_000 + b'"}'
+    resp = raw_post(eng, "/v1/settlements", body)
+    assert resp.status_code == 413 and resp.json()["code"] == "body_too_large"
