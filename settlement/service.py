@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,9 @@ from settlement.split import (BillLine, PersonState, SplitInputError, parse_bill
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 ATTEMPTS_MAX = 6
 ID_CHARS_MAX = 40
+#: How long a resent request whose card counter (or QR code) was just used waits for the first
+#: copy, still in flight, to commit so that it can replay it.
+DUPLICATE_WAIT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,13 @@ def fingerprint(doc: Any) -> str:
     """SHA-256 of the canonical JSON of a request's business content (idempotency check)."""
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
                           .encode()).hexdigest()
+
+
+def undo_key(setl_id: str) -> str:
+    """The ledger entry key of whatever undoes settlement ``setl_id`` — its cancellation or its
+    partial refund. One key for both, so a settlement is undone at most once, whichever comes
+    first: the ledger's unique entry key decides a race between a cancel and a refund."""
+    return f"undo:{setl_id}"
 
 
 def derived_id(prefix: str, key: str) -> str:
@@ -291,9 +302,12 @@ class SettlementService:
                                  chrg_bchno=visit.chrg_bchno, kind="settlement")
             if row is None:
                 other = self._existing(conn, msgid=visit.msgid)
-                if other is not None:
+                if other is None:
+                    return None
+                if (other.fixmedins_code, other.mdtrt_id, other.chrg_bchno, other.kind) != (
+                        ctx.org_code, visit.mdtrt_id, visit.chrg_bchno, "settlement"):
                     raise Conflict("msgid_reused", f"msgid {visit.msgid} was used for another request")
-                return None
+                row = other  # a concurrent copy of this request committed between the two reads
         if row.request_hash != visit.request_hash:
             raise Conflict("exists_with_different_content",
                            f"visit {visit.mdtrt_id} batch {visit.chrg_bchno} was settled with another bill")
@@ -328,8 +342,15 @@ class SettlementService:
             info = result.setlinfo
             wallet_pay = info.psn_cash_pay if method in ("card", "qr") else 0
             if wallet_pay and auth is None:
-                auth = self.cards.authorise(visit.payment, amount_fen=wallet_pay, terminal_id=ctx.terminal_id,
-                                            today=business_date)
+                try:
+                    auth = self.cards.authorise(visit.payment, amount_fen=wallet_pay, terminal_id=ctx.terminal_id,
+                                                today=business_date)
+                except Rejected as exc:
+                    if exc.code in ("atc_replayed", "qr_code_already_used"):
+                        replay = self._await_duplicate(ctx, visit)
+                        if replay is not None:
+                            return replay
+                    raise
                 authorised_fen = wallet_pay
                 if auth.psn_no != citizen.psn_no:
                     raise Rejected("card_holder_mismatch", "the card does not belong to the insured person")
@@ -366,6 +387,16 @@ class SettlementService:
                 continue
             raise self._refusal(outcome, legs)
         raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid")
+
+    def _await_duplicate(self, ctx: TerminalContext, visit: Visit) -> dict | None:
+        """The card's counter (or the QR code) was already used: if that was by a copy of this
+        very request still in flight (the terminal resent it), wait for it and replay it."""
+        deadline = time.monotonic() + DUPLICATE_WAIT_S
+        while True:
+            replay = self._replay_or_conflict(ctx, visit)
+            if replay is not None or time.monotonic() >= deadline:
+                return replay
+            time.sleep(0.02)
 
     def _legs(self, names: dict[str, str], payable: str, info, wallet_pay: int, pan: str | None,
               inpatient: bool, interim: bool) -> list[tuple[str, str, int]]:
@@ -486,7 +517,7 @@ class SettlementService:
         Raises NotFound, Conflict (already refunded, or msgid reused)."""
         msgid = text_field(req if isinstance(req, dict) else {}, "msgid")
         orig = self._original(ctx, setl_id)
-        key = f"cancel:{setl_id}"
+        key = undo_key(setl_id)
         done = self._find_reversal(orig, msgid)
         if done is not None:
             return done
@@ -507,11 +538,12 @@ class SettlementService:
                               transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
                               metadata={"setl_id": cancel_id, "legs_from": 0})
             outcome = self.submit(entry, lambda conn, _o: conn.execute(insert(settlements), [row]))
-            if not outcome.ok:
+            if not outcome.ok or outcome.replayed:  # a replay: a concurrent cancellation, maybe another msgid's
                 done = self._find_reversal(orig, msgid)
                 if done is not None:
                     return done
-                raise self._refusal(outcome, legs)
+                if not outcome.ok:
+                    raise self._refusal(outcome, legs)
         return self._document_from(row, replayed=False)
 
     def _find_reversal(self, orig, msgid: str) -> dict | None:
@@ -520,9 +552,11 @@ class SettlementService:
                                 .order_by(settlements.c.created_ts)).all()
             other = self._existing(conn, msgid=msgid)
         if not rows:
-            if other is not None:
+            if other is None:
+                return None
+            if other.original_setl_id != orig.setl_id:
                 raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
-            return None
+            rows = [other]  # a concurrent copy of this request committed between the two reads
         mine = [r for r in rows if r.msgid == msgid]
         if mine:
             return self._document(mine[-1], replayed=True)
@@ -578,8 +612,9 @@ class SettlementService:
         self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
         old_legs = self._own_legs(orig)
         inpatient = policy.is_inpatient
-        interim = False
-        key = f"refund:{setl_id}"
+        # An interim (中途) inpatient settlement has no admissions leg; its refund stays interim.
+        interim = inpatient and not any(leg[1] == names["admissions"] for leg in old_legs)
+        key = undo_key(setl_id)
         new_id = derived_id("S", key)
         visit = Visit(msgid, orig.mdtrt_id, ("R" + new_id)[:ID_CHARS_MAX], orig.psn_no, orig.med_type, interim,
                       tuple(remaining), {"method": orig.pay_method}, fingerprint({"refund": setl_id, "returns": units}))
@@ -593,21 +628,28 @@ class SettlementService:
             adjusted["personal_account_balance_fen"] += info0["acct_pay"]
             if inpatient and any(leg[1] == names["admissions"] for leg in old_legs):
                 adjusted["admissions_ytd"] -= 1
-            result = self._split(policy, PersonState(**adjusted), visit)
+            try:
+                without = PersonState(**adjusted)
+            except SplitInputError:  # a negative figure: the original was reversed since it was read
+                done = self._find_reversal(orig, msgid)
+                if done is not None:
+                    return done
+                raise Conflict("already_cancelled", f"settlement {setl_id} was already cancelled or refunded") from None
+            result = self._split(policy, without, visit)
             info = result.setlinfo
             wallet_pay = info.psn_cash_pay if orig.pay_method in ("card", "qr") else 0
             new_legs = self._legs(names, payable, info, wallet_pay, orig.pan, inpatient, interim)
             reverse = [(c, d, a) for d, c, a in old_legs]
             transfers = tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(reverse + new_legs))
             cancel_row = dict(orig._asdict())
-            cancel_row.update(setl_id=derived_id("C", key), msgid=f"{msgid}~C"[:ID_CHARS_MAX],
+            cancel_row.update(setl_id=derived_id("C", key), msgid=f"{msgid[:ID_CHARS_MAX - 2]}~C",
                               terminal_id=ctx.terminal_id, kind="cancellation", original_setl_id=setl_id,
                               entry_key=key + "~c", business_date=self.days.current(), created_ts=self.clock_us(),
                               request_hash=visit.request_hash)
             new_row = self._row(ctx, visit, new_id, key, self.days.current(), orig.insu_year, info, result,
                                 orig.pay_method, orig.pan, wallet_pay, kind="settlement", original=setl_id)
-            entry = EntrySpec(key=key, kind="refund", reverses=orig.entry_key, transfers=transfers,
-                              metadata={"setl_id": new_id, "legs_from": len(reverse)},
+            entry = EntrySpec(key=key, kind="refund", transfers=transfers,
+                              metadata={"setl_id": new_id, "legs_from": len(reverse), "undoes": orig.entry_key},
                               assertions=tuple(BalanceAssertion(names[k], net[k]) for k in
                                                ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "personal")))
             if not transfers:  # nothing moved through the ledger either way: cash only
@@ -619,6 +661,10 @@ class SettlementService:
                 return self._refund_document(new_row, info0, info, replayed=False)
             outcome = self.submit(entry, lambda conn, _o, rows=[cancel_row, new_row]:
                                   conn.execute(insert(settlements), rows))
+            if outcome.ok and outcome.replayed:  # a concurrent refund posted it, maybe under another msgid
+                done = self._find_reversal(orig, msgid)
+                if done is not None:
+                    return done
             if outcome.ok:
                 return self._refund_document(new_row, info0, info, replayed=outcome.replayed)
             if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:

@@ -315,3 +315,17 @@ def test_an_oversized_body_is_refused_before_it_is_read(eng):
     body = b'{"msgid": "' + b"x" * 300_000 + b'"}'
     resp = raw_post(eng, "/v1/settlements", body)
     assert resp.status_code == 413 and resp.json()["code"] == "body_too_large"
+
+
+def test_a_settlement_born_of_a_refund_can_be_cancelled_and_a_cancel_cannot_follow_a_refund(eng):
+    snap = ledger_snapshot(eng)
+    doc = eng.clinic.settle(visit(eng, 90))
+    r = eng.clinic.refund(doc["setl_id"], "TC000001REFUND0090", [{"feedetl_sn": "2", "cnt": "1"}])
+    with pytest.raises(EngineError) as exc:  # the original was already undone by the refund
+        eng.clinic.cancel(doc["setl_id"], "TC000001CANCEL0090")
+    assert exc.value.status == 409
+    eng.clinic.cancel(r["setl_id"], "TC000001CANCEL0091")
+    after = ledger_snapshot(eng)
+    for name, (d, cr, _dp, _cp) in after.items():
+        old = snap.get(name, (0, 0, 0, 0))
+        assert cr - d == old[1] - old[0], name  # everything is back where it was
