@@ -127,6 +127,36 @@ def print_report(console: Console, report: dict, out: Path) -> None:
 
 
 @app.command()
+def city(cards: Annotated[int, typer.Option(min=1, max=100_000, help="Citizens with cards.")] = 200,
+         seed: Annotated[int, typer.Option(help="Seed of the synthetic city.")] = 1,
+         wallet_fen: Annotated[int, typer.Option(min=1, max=500_000, help="Recharge per card (fen).")] = 500_000,
+         db: DbOption = None,
+         out: Annotated[Path, typer.Option(help="Where to write the city's test secrets (JSON).")] = Path("var/city.json")) -> None:
+    """Set up a synthetic city (clinics, terminals, citizens, cards, funds, wallets) for a load
+    test, and write its terminals' keys and cards for the load generator."""
+    from api.bootstrap import bootstrap
+    from simulators.day import Day, ensure_catalogue
+
+    settings = _settings(db, create_keys=True)
+    try:
+        ensure_catalogue(Path(settings.catalogue), seed=42)
+        container = bootstrap(settings)
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    try:
+        sim = Day(container, visits=0, cards=cards, seed=seed)
+        sim.setup()
+        sim.fund_wallets(wallet_fen)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(sim.describe(), indent=1))
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    finally:
+        container.close()
+    Console().print(f"city of {cards} cardholders ready; test secrets in {out}")
+
+
+@app.command()
 def serve(db: DbOption = None,
           host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(min=1, max=65535)] = 8000) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select
 
 from card.service import CardService
 from ledger.errors import Conflict, Invalid, NotFound, Rejected
@@ -52,6 +52,14 @@ ID_CHARS_MAX = 40
 #: How long a resent request whose card counter (or QR code) was just used waits for the first
 #: copy, still in flight, to commit so that it can replay it.
 DUPLICATE_WAIT_S = 2.0
+#: The accumulators and balances a split reads (``adm_dedc`` only for inpatient visits).
+STATE_KEYS = ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "personal")
+#: The settlement of a (clinic, visit, batch) and whatever row already uses the message id, in
+#: one statement (one snapshot, one round trip; built once).
+_SAME_VISIT_OR_MSGID = select(settlements).where(or_(
+    and_(settlements.c.fixmedins_code == bindparam("b_org"), settlements.c.mdtrt_id == bindparam("b_mdtrt"),
+         settlements.c.chrg_bchno == bindparam("b_batch"), settlements.c.kind == "settlement"),
+    settlements.c.msgid == bindparam("b_msgid")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,28 +251,33 @@ class SettlementService:
     def _accounts_for(self, citizen, year: int, mdtrt_id: str, policy) -> dict[str, str]:
         """The accounts a visit reads and moves. Outpatient and inpatient care have separate
         annual caps, so the fund-paid accumulators are kept per care class (``op`` / ``ip``);
-        the outpatient deductible is per year, the inpatient one per admission (``mdtrt_id``)."""
+        the outpatient deductible is per year, the inpatient one per admission (``mdtrt_id``; an
+        outpatient visit has no such account, which would otherwise be one more per visit)."""
         psn = citizen.psn_no
         care = "ip" if policy.is_inpatient else "op"
-        return {
+        names = {
             "dedc": chart.accumulator("dedc", psn, year),
             "hifp": chart.accumulator(f"hifp_{care}", psn, year),
             "hifmi": chart.accumulator(f"hifmi_{care}", psn, year),
             "admissions": chart.accumulator("admissions", psn, year),
-            "adm_dedc": chart.accumulator("adm_dedc", psn, mdtrt_id),
             "personal": chart.personal_account(psn),
             "pooled": chart.fund_account(chart.POOLED_FUND[citizen.insutype]),
             "second": chart.fund_account(chart.SECOND_TIER_FUND[citizen.insutype]),
         }
+        if policy.is_inpatient:
+            names["adm_dedc"] = chart.accumulator("adm_dedc", psn, mdtrt_id)
+        return names
 
     def _read_state(self, names: dict[str, str]) -> tuple[PersonState, dict[str, int]]:
-        keys = ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "personal")
+        """The person's state and the posted net of each account read (``STATE_KEYS`` order:
+        the entry asserts exactly these)."""
+        keys = [k for k in STATE_KEYS if k in names]
         bal = self.ledger.balances([names[k] for k in keys])
         net = {k: bal[names[k]].credits_posted - bal[names[k]].debits_posted for k in keys}
         state = PersonState(deductible_used_ytd_fen=net["dedc"], fund_paid_ytd_fen=net["hifp"],
                             personal_account_balance_fen=bal[names["personal"]].available,
                             admissions_ytd=net["admissions"], serious_illness_paid_ytd_fen=net["hifmi"],
-                            admission_deductible_used_fen=net["adm_dedc"])
+                            admission_deductible_used_fen=net.get("adm_dedc", 0))
         return state, net
 
     # ------------------------------------------------------------------ pre-settlement
@@ -279,7 +292,8 @@ class SettlementService:
         result = self._split(policy, state, visit)
         doc = result.to_dict()
         doc.update(msgid=visit.msgid, mdtrt_id=visit.mdtrt_id, chrg_bchno=visit.chrg_bchno,
-                   psn_no=visit.psn_no, policy=policy.name, policy_verified=policy.verified)
+                   psn_no=visit.psn_no, policy=policy.name, policy_verified=policy.verified,
+                   business_date=self.days.current().isoformat())
         return doc
 
     def _split(self, policy, state: PersonState, visit: Visit, lines=None):
@@ -298,16 +312,14 @@ class SettlementService:
 
     def _replay_or_conflict(self, ctx: TerminalContext, visit: Visit) -> dict | None:
         with self.engine.connect() as conn:
-            row = self._existing(conn, fixmedins_code=ctx.org_code, mdtrt_id=visit.mdtrt_id,
-                                 chrg_bchno=visit.chrg_bchno, kind="settlement")
-            if row is None:
-                other = self._existing(conn, msgid=visit.msgid)
-                if other is None:
-                    return None
-                if (other.fixmedins_code, other.mdtrt_id, other.chrg_bchno, other.kind) != (
-                        ctx.org_code, visit.mdtrt_id, visit.chrg_bchno, "settlement"):
-                    raise Conflict("msgid_reused", f"msgid {visit.msgid} was used for another request")
-                row = other  # a concurrent copy of this request committed between the two reads
+            rows = conn.execute(_SAME_VISIT_OR_MSGID, {"b_org": ctx.org_code, "b_mdtrt": visit.mdtrt_id,
+                                                       "b_batch": visit.chrg_bchno, "b_msgid": visit.msgid}).all()
+        key = (ctx.org_code, visit.mdtrt_id, visit.chrg_bchno, "settlement")
+        row = next((r for r in rows if (r.fixmedins_code, r.mdtrt_id, r.chrg_bchno, r.kind) == key), None)
+        if row is None:
+            if rows:  # the msgid belongs to another request
+                raise Conflict("msgid_reused", f"msgid {visit.msgid} was used for another request")
+            return None
         if row.request_hash != visit.request_hash:
             raise Conflict("exists_with_different_content",
                            f"visit {visit.mdtrt_id} batch {visit.chrg_bchno} was settled with another bill")
@@ -360,7 +372,7 @@ class SettlementService:
             pan = auth.pan if auth else (visit.payment.get("pan") if method != "cash" else None)
             legs = self._legs(names, payable, info, wallet_pay, pan, policy.is_inpatient, visit.interim)
             row = self._row(ctx, visit, setl_id, entry_key, business_date, year, info, result, method,
-                            auth.pan if auth else None, wallet_pay, kind="settlement")
+                            auth.pan if auth else None, wallet_pay, kind="settlement", insutype=citizen.insutype)
             doc = self._document_from(row, replayed=False, arpc=auth.arpc_hex if auth else "")
             if not legs:
                 if self._insert_rows([row]):
@@ -373,8 +385,7 @@ class SettlementService:
                 key=entry_key, kind="settlement",
                 transfers=tuple(TransferSpec(f"{entry_key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
                 metadata={"setl_id": setl_id, "legs_from": 0},
-                assertions=tuple(BalanceAssertion(names[k], net[k]) for k in ("dedc", "hifp", "hifmi", "admissions",
-                                                                              "adm_dedc", "personal")))
+                assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
             outcome = self.submit(entry, lambda conn, _o, row=row: conn.execute(insert(settlements), [row]))
             if outcome.ok:
                 return self._replay_or_conflict(ctx, visit) if outcome.replayed else doc
@@ -431,13 +442,13 @@ class SettlementService:
         return Conflict(outcome.result.name.lower(), outcome.detail or outcome.result.name.lower())
 
     def _row(self, ctx: TerminalContext, visit: Visit, setl_id: str, entry_key: str, business_date: dt.date,
-             year: int, info, result, method: str, pan: str | None, wallet_pay: int, *, kind: str,
+             year: int, info, result, method: str, pan: str | None, wallet_pay: int, *, kind: str, insutype: str,
              original: str | None = None, chrg_bchno: str | None = None, msgid: str | None = None) -> dict:
         setlinfo = info.to_dict()
         setlinfo.update(setl_id=setl_id, mdtrt_id=visit.mdtrt_id, psn_no=visit.psn_no)
         return dict(setl_id=setl_id, fixmedins_code=ctx.org_code, mdtrt_id=visit.mdtrt_id,
                     chrg_bchno=chrg_bchno or visit.chrg_bchno, msgid=msgid or visit.msgid, psn_no=visit.psn_no,
-                    terminal_id=ctx.terminal_id, insutype=self.cards.citizen(visit.psn_no).insutype,
+                    terminal_id=ctx.terminal_id, insutype=insutype,
                     med_type=visit.med_type, insu_year=year, business_date=business_date, pay_method=method,
                     pan=pan, medfee_sumamt=info.medfee_sumamt, fund_pay_sumamt=info.fund_pay_sumamt,
                     hifp_pay=info.hifp_pay, acct_pay=info.acct_pay, psn_cash_pay=info.psn_cash_pay,
@@ -647,11 +658,11 @@ class SettlementService:
                               entry_key=key + "~c", business_date=self.days.current(), created_ts=self.clock_us(),
                               request_hash=visit.request_hash)
             new_row = self._row(ctx, visit, new_id, key, self.days.current(), orig.insu_year, info, result,
-                                orig.pay_method, orig.pan, wallet_pay, kind="settlement", original=setl_id)
+                                orig.pay_method, orig.pan, wallet_pay, kind="settlement", original=setl_id,
+                                insutype=citizen.insutype)
             entry = EntrySpec(key=key, kind="refund", transfers=transfers,
                               metadata={"setl_id": new_id, "legs_from": len(reverse), "undoes": orig.entry_key},
-                              assertions=tuple(BalanceAssertion(names[k], net[k]) for k in
-                                               ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "personal")))
+                              assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
             if not transfers:  # nothing moved through the ledger either way: cash only
                 if not self._insert_rows([cancel_row, new_row]):
                     done = self._find_reversal(orig, msgid)

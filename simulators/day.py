@@ -203,6 +203,31 @@ class Day:
                     c.wallet.contribute(key=f"contrib:{day}:{citizen.psn_no}", bank="bank:icbc",
                                         account=chart.personal_account(citizen.psn_no), amount_fen=amount)
 
+    def describe(self) -> dict:
+        """The simulated city's test secrets for a load generator: terminal keys and cards
+        (synthetic; the issuer master key stays in the engine's keys file)."""
+        from cryptography.hazmat.primitives import serialization
+
+        raw = serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        return {
+            "seed": self.seed,
+            "terminals": [{"terminal_id": t.terminal_id, "org_code": t.org_code, "kind": t.kind,
+                           "private_key_hex": t.key.private_bytes(*raw).hex()} for t in self.terminals.values()],
+            "citizens": [{"psn_no": z.psn_no, "pan": z.card.pan, "pan_seq": z.card.psn, "atc": z.card.atc,
+                          "certno": z.certno, "name": z.name} for z in self.citizens],
+        }
+
+    def fund_wallets(self, amount_fen: int) -> None:
+        """Recharge every physical card's wallet through the first channel (operator set-up)."""
+        from settlement.service import TerminalContext
+
+        channel = next(t for t in self.terminals.values() if t.kind == "channel")
+        ctx = TerminalContext(channel.terminal_id, channel.org_code, "channel")
+        day = self.c.days.current()
+        for z in self.citizens:
+            self.c.wallet.recharge(ctx, {"msgid": f"{channel.terminal_id}{day:%Y%m%d}S{z.card.pan[-9:]}",
+                                         "pan": z.card.pan, "amount_fen": amount_fen})
+
     def save_cards(self) -> None:
         """Persist the simulated cards' ATCs (a real card keeps them in its EEPROM)."""
         state = {}
