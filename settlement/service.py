@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +104,12 @@ def fingerprint(doc: Any) -> str:
     """SHA-256 of the canonical JSON of a request's business content (idempotency check)."""
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
                           .encode()).hexdigest()
+
+
+def contention_backoff(attempt: int) -> None:
+    """Sleep a random few milliseconds (growing with ``attempt``) before re-reading a person's
+    accounts, so that settlements that collided do not collide again in lock-step."""
+    time.sleep(random.uniform(0, 0.004 * (attempt + 1)))
 
 
 def undo_key(setl_id: str) -> str:
@@ -390,6 +397,7 @@ class SettlementService:
             if outcome.ok:
                 return self._replay_or_conflict(ctx, visit) if outcome.replayed else doc
             if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:
+                contention_backoff(_attempt)
                 continue  # a concurrent settlement of this person: re-read and re-split
             if outcome.result is EntryResult.EXISTS_WITH_DIFFERENT_CONTENT:
                 replay = self._replay_or_conflict(ctx, visit)
@@ -679,6 +687,7 @@ class SettlementService:
             if outcome.ok:
                 return self._refund_document(new_row, info0, info, replayed=outcome.replayed)
             if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:
+                contention_backoff(_attempt)
                 continue
             done = self._find_reversal(orig, msgid)
             if done is not None:
