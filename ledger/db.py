@@ -3,24 +3,39 @@
 SQLite runs in WAL mode with one writer: write transactions start with ``BEGIN IMMEDIATE`` (so
 two writers never deadlock on a lock upgrade) and reads with a deferred ``BEGIN``; ask for a
 write transaction with :func:`write_connection`. PostgreSQL runs at READ COMMITTED; writers lock
-the accounts they touch with ``SELECT … FOR UPDATE`` in ascending id order.
+the accounts they touch with one ``SELECT … ORDER BY id FOR UPDATE`` (ascending id order).
+
+Pooled PostgreSQL connections are pinged only when they have been idle for more than
+``POOL_PING_IDLE_S`` (a round trip per checkout would cost the ledger's hot path a third of its
+round trips); a connection that breaks while in use is invalidated and the work retried by
+:func:`run_with_retry`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy import Connection, Engine, create_engine, event, exc as sa_exc
+from sqlalchemy.exc import DBAPIError
 
 T = TypeVar("T")
 
 #: PostgreSQL SQLSTATEs worth retrying with the same ids: serialization_failure, deadlock_detected.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+UNIQUE_VIOLATION = "23505"
 RETRIES_MAX = 8
+RETRY_SLEEP_S_MAX = 0.2
+POOL_PING_IDLE_S = 5.0
+
+
+class StaleReadError(Exception):
+    """Raised inside a write transaction when what was read before the locks no longer matches
+    what is under them (for example a pending transfer created concurrently whose accounts are
+    not locked): the transaction is rolled back and retried with the same ids."""
 
 
 def normalise_url(url: str) -> str:
@@ -36,6 +51,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
     SQLite: WAL, ``synchronous=FULL``, foreign keys on, 30 s busy timeout, driver autocommit off
     so that SQLAlchemy's ``begin`` event emits our own BEGIN (deferred or IMMEDIATE).
+    PostgreSQL: a pool of ``pool_size`` (+ as many overflow) psycopg 3 connections.
     """
     url = normalise_url(url)
     if url.startswith("sqlite"):
@@ -57,7 +73,21 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn, record, _proxy) -> None:  # pragma: no cover - driver callback
+        now = time.monotonic()
+        last = record.info.get("last_used_s", now)
+        record.info["last_used_s"] = now
+        if now - last > POOL_PING_IDLE_S or dbapi_conn.closed or dbapi_conn.broken:
+            try:
+                dbapi_conn.execute("SELECT 1")
+                dbapi_conn.rollback()
+            except Exception as exc:  # the pool then replaces the connection and tries again
+                raise sa_exc.DisconnectionError(str(exc)) from exc
+
+    return engine
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -75,39 +105,78 @@ def write_connection(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
+def _driver_error(exc: BaseException) -> BaseException:
+    return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+
+
 def is_retryable(exc: BaseException) -> bool:
-    """A deadlock or serialization failure (PostgreSQL) or a busy database (SQLite)."""
-    if isinstance(exc, DBAPIError):
-        sqlstate = getattr(exc.orig, "sqlstate", None)
-        if sqlstate in RETRYABLE_SQLSTATES:
-            return True
-        if isinstance(exc, OperationalError) and "database is locked" in str(exc.orig):
-            return True
-    return False
+    """A deadlock or serialization failure (PostgreSQL), a busy database (SQLite), a stale read,
+    or a connection lost in use. Accepts SQLAlchemy-wrapped and raw driver exceptions."""
+    if isinstance(exc, StaleReadError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = _driver_error(exc)
+    if getattr(orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+        return True
+    if isinstance(orig, sqlite3.OperationalError) and "database is locked" in str(orig):
+        return True
+    return _is_psycopg_disconnect(orig)
+
+
+def _is_psycopg_disconnect(orig: BaseException) -> bool:
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(orig, psycopg.OperationalError) and getattr(orig, "sqlstate", None) is None
 
 
 def is_unique_violation(exc: BaseException) -> bool:
     """A unique-key violation: a concurrent writer inserted the same idempotency key first."""
-    return isinstance(exc, IntegrityError) and (
-        getattr(exc.orig, "sqlstate", None) == "23505" or "UNIQUE constraint failed" in str(exc.orig))
+    orig = _driver_error(exc)
+    return getattr(orig, "sqlstate", None) == UNIQUE_VIOLATION or (
+        isinstance(orig, sqlite3.IntegrityError) and "UNIQUE constraint failed" in str(orig))
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    if isinstance(exc, (DBAPIError, StaleReadError, sqlite3.Error)):
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, psycopg.Error)
 
 
 def run_with_retry(engine: Engine, work: Callable[[Connection], T], *, retries_max: int = RETRIES_MAX,
                    retry_on_unique: bool = True) -> T:
     """Run ``work(conn)`` in a write transaction; retry it (same inputs, same ids) on deadlock,
-    serialization failure, busy database or — when ``retry_on_unique`` — a unique violation
-    caused by a concurrent duplicate (the retry then sees the committed row and replays).
+    serialization failure, busy database, stale read, lost connection or — when
+    ``retry_on_unique`` — a unique violation caused by a concurrent duplicate (the retry then
+    sees the committed row and replays). Backs off 4, 8, 16 … ms (at most 0.2 s) between tries.
 
-    Raises the last error after ``retries_max`` attempts.
+    Raises the last error after ``retries_max`` attempts; other errors propagate at once (the
+    transaction is rolled back).
     """
     attempt = 0
     while True:
         try:
             with write_connection(engine) as conn:
-                return work(conn)
-        except DBAPIError as exc:
+                try:
+                    return work(conn)
+                except BaseException as exc:
+                    # The hot path talks to the driver directly: make sure a broken connection
+                    # is not handed back to the pool.
+                    raw = getattr(conn.connection, "driver_connection", None)
+                    if getattr(raw, "broken", False) and not conn.invalidated:
+                        conn.invalidate(exc if isinstance(exc, Exception) else None)
+                    raise
+        except Exception as exc:
+            if not _is_database_error(exc):
+                raise
             attempt += 1
             retryable = is_retryable(exc) or (retry_on_unique and is_unique_violation(exc))
             if not retryable or attempt >= retries_max:
                 raise
-            time.sleep(min(0.002 * (2 ** attempt), 0.2))
+            time.sleep(min(0.002 * (2 ** attempt), RETRY_SLEEP_S_MAX))

@@ -17,8 +17,23 @@ all-or-nothing), with a journal *entry* as the unit of atomicity and idempotency
   posted net balance is still what it read; the settlement service uses them to apply a split
   computed from year-to-date accumulators exactly once under concurrency.
 
-Checks happen in the order the enum members are declared (first failing rule wins), so the
-numeric codes are stable and documented by this file. Pure: no I/O, no clock.
+Result codes are closed enums whose names read as rules; their numbers are stable (new members
+are only ever appended). The order in which the rules are checked is documented by the
+``*_CHECK_ORDER`` tuples at the end of this module (first failing rule wins):
+
+1. entry rules that need no state (key, kind, sizes);
+2. idempotency: an existing key replays (same content hash) or is a conflict;
+3. reversal rules, then balance assertions;
+4. each transfer in order through :data:`TRANSFER_CHECK_ORDER` up to
+   ``KEY_EXISTS_IN_ANOTHER_ENTRY`` (a transfer sees the effects of the earlier transfers of its
+   own entry, so a pending transfer created earlier in an entry may be posted later in it);
+5. balance rules on each account's *net change within the entry*, accounts in order of first
+   appearance: ``OVERFLOWS_BALANCE``, ``EXCEEDS_CREDITS``, ``EXCEEDS_DEBITS``; the failure is
+   reported at the first transfer of the entry that moves that account the offending way.
+
+A failing entry posts nothing; ``EntryOutcome.transfer_results`` then gives the failing transfer
+its rule and every other transfer ``LINKED_EVENT_FAILED`` (TigerBeetle's linked events).
+Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -31,9 +46,17 @@ from typing import Any
 
 from ledger.money import AMOUNT_FEN_MAX
 
-KEY_LENGTH_MAX = 128
+KEY_LENGTH_MAX = 128            #: entry keys and account names, characters
+TRANSFER_KEY_LENGTH_MAX = 160   #: transfer keys (room for ``{entry key}/{leg}``), characters
+KIND_LENGTH_MAX = 32
 TRANSFERS_PER_ENTRY_MAX = 64
+ASSERTIONS_PER_ENTRY_MAX = 64
+METADATA_BYTES_MAX = 16 * 1024  #: UTF-8 bytes of the canonical JSON of ``EntrySpec.metadata``
 TIMEOUT_S_MAX = 30 * 24 * 3600
+INT32_MAX = 2**31 - 1           #: bound of ``code`` and ``ledger`` (INTEGER columns)
+
+#: canonical JSON: sorted keys, no spaces, UTF-8 kept (the idempotency hash and stored metadata)
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 LEDGER_MONEY = 1  #: real money, CNY fen
 LEDGER_MEMO = 2   #: memo accounts (year-to-date accumulators); balanced but not money
@@ -94,6 +117,12 @@ class AccountResult(enum.IntEnum):
     EXISTS_WITH_DIFFERENT_FLAGS = 8
     EXISTS_WITH_DIFFERENT_CREDIT_LIMIT = 9
     EXISTS_WITH_DIFFERENT_KIND = 10
+    NAME_TOO_LONG = 11
+    NAME_MUST_BE_PRINTABLE = 12
+    CREDIT_LIMIT_TOO_LARGE = 13
+    LEDGER_OUT_OF_RANGE = 14  #: the ledger number must be 1 .. 2**31 - 1
+    CODE_OUT_OF_RANGE = 15    #: the chart-of-accounts code must be 0 .. 2**31 - 1
+    EXISTS_WITH_DIFFERENT_CURRENCY = 16
 
 
 class TransferResult(enum.IntEnum):
@@ -127,6 +156,10 @@ class TransferResult(enum.IntEnum):
     OVERFLOWS_BALANCE = 25
     EXCEEDS_CREDITS = 26  #: debit account's debits would exceed its credits (+ credit limit)
     EXCEEDS_DEBITS = 27   #: credit account's credits would exceed its debits (+ limit)
+    PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT = 28  #: a void names an amount other than 0 or the held amount
+    KEY_MUST_BE_PRINTABLE = 29
+    CODE_OUT_OF_RANGE = 30  #: the transfer code must be 0 .. 2**31 - 1
+    TIMEOUT_MUST_NOT_BE_NEGATIVE = 31
 
 
 class EntryResult(enum.IntEnum):
@@ -143,6 +176,11 @@ class EntryResult(enum.IntEnum):
     REVERSAL_MUST_NOT_BE_REVERSED = 8
     BALANCE_ASSERTION_FAILED = 9
     TRANSFER_FAILED = 10  #: see ``EntryOutcome.failed_index`` and ``transfer_result``
+    KEY_MUST_BE_PRINTABLE = 11
+    KIND_INVALID = 12  #: the kind must be 1 .. 32 printable characters
+    TOO_MANY_ASSERTIONS = 13
+    METADATA_TOO_LARGE = 14  #: canonical JSON of the metadata above ``METADATA_BYTES_MAX``
+    REVERSAL_MUST_MIRROR_ORIGINAL = 15  #: a reversal moves posted money back, leg by leg, at most once
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,19 +240,29 @@ class EntrySpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     assertions: tuple[BalanceAssertion, ...] = ()
 
-    def content_hash(self) -> str:
-        """SHA-256 over the canonical JSON of everything but ``key``: the idempotency check."""
-        body = {
-            "kind": self.kind,
-            "reverses": self.reverses,
-            "metadata": self.metadata,
-            "transfers": [
-                [t.key, t.debit, t.credit, t.amount_fen, int(t.flags), t.pending_key, t.timeout_s, t.code]
-                for t in self.transfers
-            ],
-            "assertions": [[a.account, a.expected_fen] for a in self.assertions],
-        }
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    def metadata_json(self) -> str:
+        """The canonical JSON text of ``metadata`` (sorted keys, no spaces) as stored.
+
+        Raises ``TypeError`` when the metadata is not JSON-serialisable (a programming error)."""
+        if not self.metadata:
+            return "{}"
+        return _CANONICAL_JSON.encode(self.metadata)
+
+    def content_hash(self, metadata_json: str | None = None) -> str:
+        """SHA-256 (hex) over the canonical JSON of everything but ``key``: the idempotency check.
+
+        ``metadata_json`` may pass :meth:`metadata_json` when the caller already has it."""
+        if metadata_json is None:
+            metadata_json = self.metadata_json()
+        transfers = [[t.key, t.debit, t.credit, t.amount_fen, int(t.flags), t.pending_key, t.timeout_s, t.code]
+                     for t in self.transfers]
+        assertions = [[a.account, a.expected_fen] for a in self.assertions]
+        # Same canonical text as json.dumps of the whole body with sort_keys (assertions, kind,
+        # metadata, reverses, transfers), built without re-serialising the metadata.
+        enc = _CANONICAL_JSON.encode
+        text = "".join(('{"assertions":', enc(assertions), ',"kind":', enc(self.kind),
+                        ',"metadata":', metadata_json, ',"reverses":', enc(self.reverses),
+                        ',"transfers":', enc(transfers), "}"))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -231,6 +279,9 @@ class EntryOutcome:
     failed_index: int | None = None
     transfer_result: TransferResult = TransferResult.OK
     detail: str = ""
+    #: one result per transfer when the entry was evaluated: all OK on success; on
+    #: TRANSFER_FAILED the failing transfer's rule and LINKED_EVENT_FAILED for the others
+    transfer_results: tuple[TransferResult, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -266,3 +317,88 @@ class Balance:
 def validate_amount_bound(amount_fen: int) -> bool:
     """True when the amount fits the per-field bound (``ledger.money.AMOUNT_FEN_MAX``)."""
     return 0 <= amount_fen <= AMOUNT_FEN_MAX
+
+
+# ---------------------------------------------------------------------------- check orders
+#: The order in which account rules are checked (first failure wins).
+ACCOUNT_CHECK_ORDER: tuple[AccountResult, ...] = (
+    AccountResult.NAME_MUST_NOT_BE_EMPTY,
+    AccountResult.NAME_TOO_LONG,
+    AccountResult.NAME_MUST_BE_PRINTABLE,
+    AccountResult.FLAGS_ARE_MUTUALLY_EXCLUSIVE,
+    AccountResult.CREDIT_LIMIT_MUST_NOT_BE_NEGATIVE,
+    AccountResult.CREDIT_LIMIT_TOO_LARGE,
+    AccountResult.UNKNOWN_CURRENCY,
+    AccountResult.LEDGER_OUT_OF_RANGE,
+    AccountResult.CODE_OUT_OF_RANGE,
+    AccountResult.EXISTS_WITH_DIFFERENT_KIND,
+    AccountResult.EXISTS_WITH_DIFFERENT_CODE,
+    AccountResult.EXISTS_WITH_DIFFERENT_LEDGER,
+    AccountResult.EXISTS_WITH_DIFFERENT_CURRENCY,
+    AccountResult.EXISTS_WITH_DIFFERENT_FLAGS,
+    AccountResult.EXISTS_WITH_DIFFERENT_CREDIT_LIMIT,
+    AccountResult.EXISTS,
+    AccountResult.OK,
+)
+
+#: The order in which entry rules are checked (first failure wins).
+ENTRY_CHECK_ORDER: tuple[EntryResult, ...] = (
+    EntryResult.KEY_MUST_NOT_BE_EMPTY,
+    EntryResult.KEY_TOO_LONG,
+    EntryResult.KEY_MUST_BE_PRINTABLE,
+    EntryResult.KIND_INVALID,
+    EntryResult.TRANSFERS_MUST_NOT_BE_EMPTY,
+    EntryResult.TOO_MANY_TRANSFERS,
+    EntryResult.TOO_MANY_ASSERTIONS,
+    EntryResult.METADATA_TOO_LARGE,
+    EntryResult.EXISTS_WITH_DIFFERENT_CONTENT,  # (or an OK replay when the content is the same)
+    EntryResult.REVERSAL_TARGET_NOT_FOUND,
+    EntryResult.ALREADY_REVERSED,
+    EntryResult.REVERSAL_MUST_NOT_BE_REVERSED,
+    EntryResult.REVERSAL_MUST_MIRROR_ORIGINAL,
+    EntryResult.BALANCE_ASSERTION_FAILED,
+    EntryResult.TRANSFER_FAILED,
+    EntryResult.OK,
+)
+
+#: The order in which one transfer's rules are checked (first failure wins). Rules for
+#: post/void (``PENDING_TRANSFER_*``) apply only to them, account rules only to the others;
+#: the last three are checked on each account's net change over the whole entry.
+TRANSFER_CHECK_ORDER: tuple[TransferResult, ...] = (
+    TransferResult.KEY_MUST_NOT_BE_EMPTY,
+    TransferResult.KEY_TOO_LONG,
+    TransferResult.KEY_MUST_BE_PRINTABLE,
+    TransferResult.FLAGS_ARE_MUTUALLY_EXCLUSIVE,
+    TransferResult.PENDING_KEY_REQUIRED,
+    TransferResult.PENDING_KEY_MUST_BE_EMPTY,
+    TransferResult.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER,
+    TransferResult.TIMEOUT_MUST_NOT_BE_NEGATIVE,
+    TransferResult.TIMEOUT_TOO_LARGE,
+    TransferResult.AMOUNT_MUST_NOT_BE_NEGATIVE,
+    TransferResult.AMOUNT_MUST_BE_POSITIVE,
+    TransferResult.AMOUNT_TOO_LARGE,
+    TransferResult.CODE_OUT_OF_RANGE,
+    TransferResult.PENDING_TRANSFER_NOT_FOUND,
+    TransferResult.PENDING_TRANSFER_NOT_PENDING,
+    TransferResult.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT,
+    TransferResult.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT,
+    TransferResult.PENDING_TRANSFER_ALREADY_POSTED,
+    TransferResult.PENDING_TRANSFER_ALREADY_VOIDED,
+    TransferResult.PENDING_TRANSFER_EXPIRED,
+    TransferResult.EXCEEDS_PENDING_TRANSFER_AMOUNT,
+    TransferResult.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT,
+    TransferResult.ACCOUNTS_MUST_BE_DIFFERENT,
+    TransferResult.DEBIT_ACCOUNT_NOT_FOUND,
+    TransferResult.CREDIT_ACCOUNT_NOT_FOUND,
+    TransferResult.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER,
+    TransferResult.KEY_EXISTS_IN_ANOTHER_ENTRY,
+    TransferResult.OVERFLOWS_BALANCE,
+    TransferResult.EXCEEDS_CREDITS,
+    TransferResult.EXCEEDS_DEBITS,
+    TransferResult.LINKED_EVENT_FAILED,
+    TransferResult.OK,
+)
+
+assert set(ACCOUNT_CHECK_ORDER) == set(AccountResult)
+assert set(ENTRY_CHECK_ORDER) == set(EntryResult)
+assert set(TRANSFER_CHECK_ORDER) == set(TransferResult)

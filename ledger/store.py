@@ -1,21 +1,24 @@
-"""The ledger state machine on a SQL database: batches of journal entries in one transaction.
+"""The ledger on a SQL database: batches of journal entries, each batch one transaction.
 
-:meth:`Ledger.submit_many` is the one write path. A batch (many entries from many callers:
-group commit) runs in a single database transaction:
+:meth:`Ledger.submit_many` is the one write path (``submit`` is a batch of one; the group
+committer in ``ledger.groupcommit`` gathers many callers' entries into one batch). A batch:
 
-1. statically validate each entry (keys, sizes, flags) — no I/O;
-2. read the pending transfers it resolves and any expired holds on its accounts, to learn every
-   account it will touch;
-3. lock those accounts once, in ascending id order, in one ``SELECT … FOR UPDATE`` (SQLite:
-   ``BEGIN IMMEDIATE`` holds the single writer lock instead);
-4. void the expired holds on the locked accounts (the ledger's clock voids them: history shows a
-   transfer flagged ``EXPIRED``), read existing idempotency keys and reversal targets;
-5. evaluate each entry in order against the in-memory balances: a failing entry is reported
-   with the failing transfer and its rule, and leaves no trace; the others go on;
-6. insert entries and transfers in bulk and update each touched account's balance once.
+1. is prepared without I/O: stateless rules, canonical metadata, content hash
+   (:func:`ledger.machine.prepare`);
+2. loads under the account locks what it can touch (:class:`ledger.store_pg.PgStore`: every
+   touched account locked once, ascending id order, one statement; SQLite: the single writer
+   lock of ``BEGIN IMMEDIATE``);
+3. is decided entry by entry in order by the pure state machine (:func:`ledger.machine.plan_batch`)
+   — one bad entry fails alone, with the transfer and the rule that failed;
+4. is written in bulk with one balance update per touched account, in the same transaction as
+   the idempotency keys; hooks run in that transaction after the postings.
 
-Deadlocks, serialization failures and unique violations from a concurrent duplicate retry the
-whole batch with the same keys (bounded), so a concurrent duplicate posts once and replays.
+Deadlocks, serialization failures, lost connections and unique violations from a concurrent
+duplicate roll the batch back and retry it with the same keys (bounded by ``retries_max``), so
+a concurrent duplicate posts once and the other caller gets the replay.
+
+Reads (balances now or as of an instant, statements with running balances, the trial balance,
+entries), the expiry sweeper, the hash-chain seals and :meth:`Ledger.verify` live here too.
 """
 
 from __future__ import annotations
@@ -24,23 +27,27 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, insert, select, text
 
 from ledger import schema as s
 from ledger.db import is_sqlite, run_with_retry
-from ledger.model import (KEY_LENGTH_MAX, TIMEOUT_S_MAX, TRANSFERS_PER_ENTRY_MAX, AccountFlags,
-                          AccountKind, AccountResult, AccountSpec, Balance, EntryOutcome,
-                          EntryResult, EntrySpec, PendingState, TransferFlags, TransferResult,
-                          TransferSpec)
+from ledger.machine import (F_EXPIRED_VOID, F_NONE, F_PENDING, F_POST, F_VOID, S_EXPIRED, S_PENDING,
+                            S_POSTED, S_VOIDED, Prepared, finish, is_valid_key, plan_batch, prepare)
+from ledger.model import (INT32_MAX, KEY_LENGTH_MAX, TRANSFER_KEY_LENGTH_MAX, AccountFlags, AccountKind,
+                          AccountResult, AccountSpec, Balance, EntryOutcome, EntrySpec, TransferFlags)
 from ledger.money import AMOUNT_FEN_MAX, CURRENCY_EXPONENTS
+from ledger.store_pg import PgStore, execute as pg_execute, seal_watermark
+from ledger.store_sqlite import SqliteStore
 
-BALANCE_MAX = 2**63 - 1
 BATCH_ENTRIES_MAX = 4096
 SQL_IN_CHUNK_MAX = 500
-
+STATEMENT_LINES_MAX = 1000
+SEAL_TRANSFERS_MAX = 50_000   #: transfers hashed into one seal row
+EXPIRE_HOLDS_MAX = 1000       #: expired holds gathered per sweeper transaction
+GENESIS_HASH = "0" * 64
 
 EntryHook = Callable[[Connection, EntryOutcome], None]
 
@@ -50,35 +57,13 @@ def wall_clock_us() -> int:
     return time.time_ns() // 1000
 
 
-@dataclass(slots=True)
-class _Account:
-    id: int
-    name: str
-    kind: AccountKind
-    ledger: int
-    flags: int
-    credit_limit: int
-    debits_pending: int = 0
-    debits_posted: int = 0
-    credits_pending: int = 0
-    credits_posted: int = 0
-    dirty: bool = False
-
-
-@dataclass(slots=True)
-class _Pending:
-    id: int
-    key: str
-    debit_id: int
-    credit_id: int
-    amount: int
-    state: PendingState
-    expires_ts: int | None
-
-
 @dataclass(frozen=True, slots=True)
 class StatementLine:
-    """One transfer on an account statement with the running posted balance (normal side)."""
+    """One transfer on an account statement with the running posted balance (normal side).
+
+    Pending and void lines (and ``EXPIRED`` voids the ledger wrote when a hold timed out) are
+    listed with their flags and do not move the posted balance; ``pending_key`` names the
+    pending transfer a post or void resolves."""
 
     transfer_id: int
     transfer_key: str
@@ -90,6 +75,7 @@ class StatementLine:
     credit_fen: int
     flags: TransferFlags
     balance_fen: int
+    pending_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,22 +107,27 @@ class EntryView:
 
 
 class Ledger:
-    """Double-entry ledger over an SQLAlchemy Engine (SQLite or PostgreSQL).
+    """Double-entry ledger over an SQLAlchemy Engine (SQLite or PostgreSQL), TigerBeetle's
+    semantics (see ``ledger.model`` for the rules and their order).
 
     Thread-safe: each call uses its own connection and transaction. ``clock_us`` gives the
-    ledger's time (µs since the epoch); it is made monotonic per instance.
+    ledger's time (µs since the epoch); it is made monotonic per instance. ``retries_max``
+    bounds the attempts of one batch on deadlock, serialization failure, lost connection or a
+    concurrent duplicate.
     """
 
     def __init__(self, engine: Engine, *, clock_us: Callable[[], int] = wall_clock_us,
                  retries_max: int = 8) -> None:
+        assert retries_max >= 1
         self.engine = engine
         self._clock_us = clock_us
         self._last_ts = 0
         self._ts_lock = threading.Lock()
         self.retries_max = retries_max
-        self._name_cache: dict[str, tuple[int, str, int, int, int]] = {}
+        self._sqlite = is_sqlite(engine)
+        self._store: PgStore | SqliteStore = SqliteStore() if self._sqlite else PgStore()
 
-    # ------------------------------------------------------------------ clock and names
+    # ------------------------------------------------------------------ clock
     def now_us(self) -> int:
         """The ledger's monotonic clock in µs."""
         with self._ts_lock:
@@ -144,69 +135,35 @@ class Ledger:
             self._last_ts = ts
             return ts
 
-    def _resolve(self, conn: Connection, names: Iterable[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        missing = []
-        for name in names:
-            if not name:
-                continue
-            hit = self._name_cache.get(name)
-            if hit is not None:
-                found[name] = hit[0]
-            else:
-                missing.append(name)
-        for chunk in _chunks(missing):
-            rows = conn.execute(select(s.accounts.c.id, s.accounts.c.name, s.accounts.c.kind,
-                                       s.accounts.c.ledger, s.accounts.c.flags,
-                                       s.accounts.c.credit_limit)
-                                .where(s.accounts.c.name.in_(chunk))).all()
-            for row in rows:
-                self._name_cache[row.name] = (row.id, row.kind, row.ledger, row.flags, row.credit_limit)
-                found[row.name] = row.id
-        return found
-
     # ------------------------------------------------------------------ accounts
     def create_accounts(self, specs: Sequence[AccountSpec]) -> list[AccountResult]:
-        """Create accounts, idempotently by name: an identical existing account is ``EXISTS``;
-        an existing one with other attributes is ``EXISTS_WITH_DIFFERENT_*`` (nothing changes).
+        """Create accounts, idempotently by name (TigerBeetle ``create_accounts``).
 
-        Returns one result per spec, in order. All valid new accounts are created in one
-        transaction.
+        Returns one :class:`AccountResult` per spec, in order, checked in
+        ``ACCOUNT_CHECK_ORDER``: an identical existing account (or an identical earlier spec in
+        the same call) is ``EXISTS``; one with other attributes is ``EXISTS_WITH_DIFFERENT_*``
+        and nothing changes. All new accounts are created in one transaction.
         """
-        results: list[AccountResult | None] = [None] * len(specs)
-        for i, spec in enumerate(specs):
-            if not spec.name or len(spec.name) > KEY_LENGTH_MAX:
-                results[i] = AccountResult.NAME_MUST_NOT_BE_EMPTY
-            elif (spec.flags & AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
-                  and spec.flags & AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS):
-                results[i] = AccountResult.FLAGS_ARE_MUTUALLY_EXCLUSIVE
-            elif spec.credit_limit_fen < 0 or spec.credit_limit_fen > AMOUNT_FEN_MAX:
-                results[i] = AccountResult.CREDIT_LIMIT_MUST_NOT_BE_NEGATIVE
-            elif spec.currency not in CURRENCY_EXPONENTS:
-                results[i] = AccountResult.UNKNOWN_CURRENCY
+        results: list[AccountResult | None] = [_static_account_result(spec) for spec in specs]
 
         def work(conn: Connection) -> list[AccountResult]:
             out = list(results)
-            names = [sp.name for sp, r in zip(specs, out) if r is None]
-            existing = {}
+            names = list({sp.name for sp, r in zip(specs, out) if r is None})
+            existing: dict[str, AccountSpec] = {}
             for chunk in _chunks(names):
                 for row in conn.execute(select(s.accounts).where(s.accounts.c.name.in_(chunk))):
-                    existing[row.name] = row
+                    existing[row.name] = AccountSpec(row.name, AccountKind(row.kind), row.code, row.ledger,
+                                                     row.currency, AccountFlags(row.flags), row.credit_limit)
             new_rows = []
-            seen: dict[str, AccountSpec] = {}
             now = self.now_us()
             for i, spec in enumerate(specs):
                 if out[i] is not None:
                     continue
-                row = existing.get(spec.name)
-                if row is None and spec.name in seen:
-                    other = seen[spec.name]
-                    out[i] = AccountResult.EXISTS if other == spec else AccountResult.EXISTS_WITH_DIFFERENT_FLAGS
+                other = existing.get(spec.name)
+                if other is not None:
+                    out[i] = _compare_account(other, spec)
                     continue
-                if row is not None:
-                    out[i] = _compare_account(row, spec)
-                    continue
-                seen[spec.name] = spec
+                existing[spec.name] = spec
                 new_rows.append(dict(name=spec.name, kind=spec.kind.value, code=spec.code,
                                      ledger=spec.ledger, currency=spec.currency, flags=int(spec.flags),
                                      credit_limit=spec.credit_limit_fen, debits_pending=0,
@@ -217,519 +174,206 @@ class Ledger:
                 conn.execute(insert(s.accounts), new_rows)
             return out  # type: ignore[return-value]
 
+        if all(r is not None for r in results):
+            return results  # type: ignore[return-value]
         return run_with_retry(self.engine, work, retries_max=self.retries_max)
 
     # ------------------------------------------------------------------ writes
-    def submit(self, entry: EntrySpec, hook: "EntryHook | None" = None) -> EntryOutcome:
+    def submit(self, entry: EntrySpec, hook: EntryHook | None = None) -> EntryOutcome:
         """Submit one journal entry; see :meth:`submit_many`."""
         return self.submit_many([entry], [hook])[0]
 
     def submit_many(self, entries: Sequence[EntrySpec],
-                    hooks: "Sequence[EntryHook | None] | None" = None) -> list[EntryOutcome]:
+                    hooks: Sequence[EntryHook | None] | None = None) -> list[EntryOutcome]:
         """Apply a batch of journal entries in one database transaction (group commit).
 
-        Each entry succeeds or fails on its own (a failing entry posts nothing and does not
-        fail its neighbours). Returns one :class:`EntryOutcome` per entry, in order.
-        ``hooks[i]``, when given, is called as ``hook(conn, outcome)`` inside the same database
-        transaction right after entry ``i`` is newly posted (never on a replay or a failure), so
-        that a service can write its own record atomically with the postings; it must only
-        insert rows and must not raise for business reasons.
-        Raises ``ValueError`` for a batch larger than ``BATCH_ENTRIES_MAX``; database errors
-        other than retryable ones propagate (and nothing of the batch is written).
+        Each entry succeeds or fails on its own, evaluated in order against the balances left
+        by the entries before it (a failing entry posts nothing and does not fail its
+        neighbours). Returns one :class:`EntryOutcome` per entry, in order; rules and their
+        order are in ``ledger.model``. ``hooks[i]``, when given, is called as
+        ``hook(conn, outcome)`` inside the same database transaction right after the batch's
+        postings when entry ``i`` was newly posted (never on a replay or a failure), so that a
+        service can write its own record atomically with them; it must only write rows, do no
+        network I/O, and must not raise for business reasons (raising rolls back the batch).
+
+        Raises ``ValueError`` for more than ``BATCH_ENTRIES_MAX`` entries or mismatched hooks,
+        ``TypeError`` for a non-int amount or non-JSON metadata; database errors other than
+        retryable ones propagate (and nothing of the batch is written).
         """
         if len(entries) > BATCH_ENTRIES_MAX:
             raise ValueError(f"batch of {len(entries)} entries exceeds {BATCH_ENTRIES_MAX}")
-        static = [_static_check(e) for e in entries]
-        hooks = list(hooks) if hooks is not None else [None] * len(entries)
-        if len(hooks) != len(entries):
+        if hooks is not None and len(hooks) != len(entries):
             raise ValueError("hooks must match entries one to one")
-        return run_with_retry(self.engine, lambda conn: self._apply_batch(conn, entries, static, hooks),
-                              retries_max=self.retries_max)
+        return self.submit_prepared([prepare(e) for e in entries], hooks)
 
-    def _apply_batch(self, conn: Connection, entries: Sequence[EntrySpec],
-                     static: list[EntryOutcome | None], hooks: list) -> list[EntryOutcome]:
-        now = self.now_us()
-        live = [i for i, o in enumerate(static) if o is None]
-        outcomes: list[EntryOutcome | None] = list(static)
-        if not live:
-            return outcomes  # type: ignore[return-value]
+    def submit_prepared(self, batch: Sequence[Prepared],
+                        hooks: Sequence[EntryHook | None] | None = None) -> list[EntryOutcome]:
+        """:meth:`submit_many` for entries already passed through :func:`ledger.machine.prepare`
+        (the group committer prepares in its callers' threads)."""
+        if all(p.failure is not None for p in batch):
+            return [p.failure for p in batch]  # type: ignore[misc]
+        return self._run_batch(batch, hooks)[0]
 
-        # Existing entries (idempotency) — replays need no locks.
-        keys = list({entries[i].key for i in live})
-        existing: dict[str, tuple[int, str, int]] = {}
-        for chunk in _chunks(keys):
-            for row in conn.execute(select(s.entries.c.id, s.entries.c.key, s.entries.c.content_hash,
-                                           s.entries.c.ts).where(s.entries.c.key.in_(chunk))):
-                existing[row.key] = (row.id, row.content_hash, row.ts)
-        hashes = {i: entries[i].content_hash() for i in live}
-        replay_ids = [existing[entries[i].key][0] for i in live if entries[i].key in existing]
-        transfer_ids_by_entry: dict[int, list[int]] = {}
-        for chunk in _chunks(replay_ids):
-            for row in conn.execute(select(s.transfers.c.id, s.transfers.c.entry_id)
-                                    .where(s.transfers.c.entry_id.in_(chunk)).order_by(s.transfers.c.id)):
-                transfer_ids_by_entry.setdefault(row.entry_id, []).append(row.id)
-        todo = []
-        for i in live:
-            e = entries[i]
-            if e.key in existing:
-                eid, h, ts = existing[e.key]
-                if h == hashes[i]:
-                    outcomes[i] = EntryOutcome(e.key, EntryResult.OK, eid,
-                                               tuple(transfer_ids_by_entry.get(eid, ())), ts, replayed=True)
-                else:
-                    outcomes[i] = EntryOutcome(e.key, EntryResult.EXISTS_WITH_DIFFERENT_CONTENT,
-                                               detail="the key was used for an entry with other content")
+    def _run_batch(self, batch: Sequence[Prepared], hooks: Sequence[EntryHook | None] | None,
+                   extra_ids: Sequence[int] = ()) -> tuple[list[EntryOutcome], int]:
+        """Run a batch in one transaction, retried as a whole; returns the outcomes and how
+        many expired holds were voided on the way. ``extra_ids`` are more accounts to lock
+        (the sweeper's)."""
+        lookups = _lookups(batch, extra_ids)
+        if not any(h is not None for h in hooks or ()):
+            hooks = None
+
+        def decide(snap) -> tuple:
+            plan = plan_batch(batch, snap)
+            run_hooks = hooks is not None and any(
+                h is not None and type(r) is tuple and r[0] == "new" for h, r in zip(hooks, plan.results))
+            return plan, run_hooks
+
+        if self._sqlite:
+            def work_sqlite(conn: Connection):
+                plan, run_hooks = decide(self._store.load(conn, self.now_us(), *lookups))
+                ids = self._store.persist(conn, plan, commit=False) if plan.writes else ([], [])
+                outcomes = finish(batch, plan, *ids)
+                if run_hooks:
+                    _call_hooks(conn, hooks, plan, outcomes)
+                return outcomes, plan.expired_count
+
+            return run_with_retry(self.engine, work_sqlite, retries_max=self.retries_max)
+
+        n_entries = len(lookups[3])
+        n_transfers = sum(len(p.spec.transfers) for p in batch if p.failure is None)
+
+        def work_pg(raw, conn: Connection | None):
+            snap = self._store.begin_and_load(raw, self.now_us(), *lookups, n_entries, n_transfers)
+            plan, run_hooks = decide(snap)
+            if plan.writes:
+                ids = self._store.persist(raw, plan, snap, commit=not run_hooks)
             else:
-                todo.append(i)
-        if not todo:
-            return outcomes  # type: ignore[return-value]
+                pg_execute(raw, "COMMIT")  # nothing to write: release the locks
+                ids = ([], [])
+            outcomes = finish(batch, plan, *ids)
+            if run_hooks:
+                _call_hooks(conn, hooks, plan, outcomes)
+                pg_execute(raw, "COMMIT")
+            return outcomes, plan.expired_count
 
-        # Pending transfers referenced by post/void, and every account name.
-        pending_keys = {t.pending_key for i in todo for t in entries[i].transfers if t.pending_key}
-        names = {n for i in todo for t in entries[i].transfers for n in (t.debit, t.credit) if n}
-        names |= {a.account for i in todo for a in entries[i].assertions}
-        ids = self._resolve(conn, names)
-        pendings = self._load_pendings(conn, pending_keys)
-        lock_ids = set(ids.values()) | {p.debit_id for p in pendings.values()} | {p.credit_id for p in pendings.values()}
-        expired = self._expired_pendings(conn, lock_ids, now)
-        lock_ids |= {p.debit_id for p in expired} | {p.credit_id for p in expired}
-
-        accounts = self._lock_accounts(conn, sorted(lock_ids))
-        # Re-read under the locks: resolutions happen only under both accounts' locks.
-        pendings = self._load_pendings(conn, pending_keys)
-        expired = [p for p in self._expired_pendings(conn, set(accounts), now)
-                   if p.debit_id in accounts and p.credit_id in accounts]
-        new_entries: list[dict] = []
-        new_transfers: list[dict] = []
-        pending_updates: list[dict] = []
-        new_pendings: list[dict] = []
-        new_reversals: list[tuple[int, str]] = []  # (batch entry index, reversed key)
-
-        for p in expired:  # the ledger's clock voids expired holds
-            a, b = accounts[p.debit_id], accounts[p.credit_id]
-            a.debits_pending -= p.amount
-            b.credits_pending -= p.amount
-            a.dirty = b.dirty = True
-            key = f"expire:{p.key}"[:160]
-            new_entries.append(dict(key=f"expire:{p.id}", content_hash="", kind="expiry",
-                                    reverses_entry_id=None, metadata="{}", ts=now))
-            new_transfers.append(dict(_entry=len(new_entries) - 1, key=key, debit_account_id=p.debit_id,
-                                      credit_account_id=p.credit_id, amount=p.amount,
-                                      flags=int(TransferFlags.VOID_PENDING | TransferFlags.EXPIRED),
-                                      pending_id=p.id, timeout_s=0, code=0, ts=now))
-            pending_updates.append(dict(_tid=p.id, _state=int(PendingState.EXPIRED),
-                                        _by=len(new_transfers) - 1))
-            pendings.pop(p.key, None)
-            p.state = PendingState.EXPIRED
-            pendings[p.key] = p
-
-        # Transfer keys already used by other entries, and reversal targets.
-        tkeys = [t.key for i in todo for t in entries[i].transfers]
-        used_tkeys: set[str] = set()
-        for chunk in _chunks(tkeys):
-            used_tkeys |= set(conn.scalars(select(s.transfers.c.key).where(s.transfers.c.key.in_(chunk))))
-        rev_keys = {entries[i].reverses for i in todo if entries[i].reverses}
-        rev_targets: dict[str, tuple[int, str, bool]] = {}  # key -> (id, kind, already reversed)
-        for chunk in _chunks(list(rev_keys)):
-            rows = conn.execute(select(s.entries.c.id, s.entries.c.key, s.entries.c.kind,
-                                       s.entries.c.reverses_entry_id, s.reversals.c.reversal_entry_id)
-                                .select_from(s.entries.outerjoin(s.reversals, s.reversals.c.entry_id == s.entries.c.id))
-                                .where(s.entries.c.key.in_(chunk)))
-            for row in rows:
-                rev_targets[row.key] = (row.id, "reversal" if row.reverses_entry_id else row.kind,
-                                        row.reversal_entry_id is not None)
-
-        batch_keys: dict[str, int] = {}
-        batch_tkeys: set[str] = set()
-        batch_reversed: set[str] = set()
-        for i in todo:
-            e = entries[i]
-            if e.key in batch_keys:  # duplicate inside this batch: replay or conflict later
-                first = batch_keys[e.key]
-                outcomes[i] = ("dup", first)  # type: ignore[assignment]
-                continue
-            outcome, staged = self._evaluate(e, ids, accounts, pendings, used_tkeys | batch_tkeys,
-                                             rev_targets, batch_reversed, now)
-            if outcome is not None:
-                outcomes[i] = outcome
-                continue
-            batch_keys[e.key] = i
-            # Apply the staged effects.
-            for acc_id, (dp, dpo, cp, cpo) in staged["deltas"].items():
-                a = accounts[acc_id]
-                a.debits_pending += dp
-                a.debits_posted += dpo
-                a.credits_pending += cp
-                a.credits_posted += cpo
-                a.dirty = True
-            entry_index = len(new_entries)
-            new_entries.append(dict(key=e.key, content_hash=hashes[i], kind=e.kind,
-                                    reverses_entry_id=rev_targets[e.reverses][0] if e.reverses else None,
-                                    metadata=json.dumps(e.metadata, sort_keys=True, ensure_ascii=False),
-                                    ts=now, _batch_index=i))
-            if e.reverses:
-                batch_reversed.add(e.reverses)
-                new_reversals.append((entry_index, e.reverses))
-            for t, row in zip(e.transfers, staged["rows"]):
-                batch_tkeys.add(t.key)
-                new_transfers.append(dict(_entry=entry_index, key=t.key, ts=now, **row))
-                tindex = len(new_transfers) - 1
-                if t.flags & TransferFlags.PENDING:
-                    new_pendings.append(dict(_t=tindex, state=int(PendingState.PENDING),
-                                             expires_ts=now + t.timeout_s * 1_000_000 if t.timeout_s else None))
-                    pendings[t.key] = _Pending(-1 - tindex, t.key, row["debit_account_id"],
-                                               row["credit_account_id"], row["amount"], PendingState.PENDING,
-                                               None)
-                elif t.flags & (TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING):
-                    p = pendings[t.pending_key]
-                    state = PendingState.POSTED if t.flags & TransferFlags.POST_PENDING else PendingState.VOIDED
-                    pending_updates.append(dict(_tid=p.id, _state=int(state), _by=tindex))
-                    p.state = state
-
-        # Persist: entries, transfers, pendings, reversals, balances.
-        if new_entries:
-            entry_ids = _insert_returning_ids(conn, s.entries, [
-                {k: v for k, v in r.items() if not k.startswith("_")} for r in new_entries])
-            for r, eid in zip(new_entries, entry_ids):
-                r["_id"] = eid
-            trows = []
-            for r in new_transfers:
-                row = {k: v for k, v in r.items() if not k.startswith("_")}
-                row["entry_id"] = new_entries[r["_entry"]]["_id"]
-                trows.append(row)
-            # Pending ids referenced inside this batch are negative placeholders: resolve in order.
-            transfer_ids: list[int] = []
-            if trows:
-                placeholder = any(row["pending_id"] is not None and row["pending_id"] < 0 for row in trows)
-                if placeholder:
-                    for row in trows:
-                        if row["pending_id"] is not None and row["pending_id"] < 0:
-                            row["pending_id"] = transfer_ids[-1 - row["pending_id"]]
-                        transfer_ids.extend(_insert_returning_ids(conn, s.transfers, [row]))
-                else:
-                    transfer_ids = _insert_returning_ids(conn, s.transfers, trows)
-            for r, tid in zip(new_transfers, transfer_ids):
-                r["_id"] = tid
-            if new_pendings:
-                conn.execute(insert(s.pending), [dict(transfer_id=new_transfers[p["_t"]]["_id"],
-                                                      state=p["state"], expires_ts=p["expires_ts"],
-                                                      resolved_by=None) for p in new_pendings])
-            if pending_updates:
-                rows = []
-                for u in pending_updates:
-                    tid = u["_tid"] if u["_tid"] >= 0 else new_transfers[-1 - u["_tid"]]["_id"]
-                    rows.append(dict(b_tid=tid, b_state=u["_state"], b_by=new_transfers[u["_by"]]["_id"]))
-                conn.execute(update(s.pending).where(s.pending.c.transfer_id == bindparam("b_tid"))
-                             .values(state=bindparam("b_state"), resolved_by=bindparam("b_by")), rows)
-            if new_reversals:
-                conn.execute(insert(s.reversals), [dict(entry_id=rev_targets[k][0],
-                                                        reversal_entry_id=new_entries[ei]["_id"])
-                                                   for ei, k in new_reversals])
-            dirty = [a for a in accounts.values() if a.dirty]
-            if dirty:
-                conn.execute(update(s.accounts).where(s.accounts.c.id == bindparam("b_id")).values(
-                    debits_pending=bindparam("b_dp"), debits_posted=bindparam("b_dpo"),
-                    credits_pending=bindparam("b_cp"), credits_posted=bindparam("b_cpo")),
-                    [dict(b_id=a.id, b_dp=a.debits_pending, b_dpo=a.debits_posted,
-                          b_cp=a.credits_pending, b_cpo=a.credits_posted) for a in dirty])
-            by_entry: dict[int, list[int]] = {}
-            for r in new_transfers:
-                by_entry.setdefault(r["_entry"], []).append(r["_id"])
-            for ei, r in enumerate(new_entries):
-                if "_batch_index" in r:
-                    bi = r["_batch_index"]
-                    outcomes[bi] = EntryOutcome(r["key"], EntryResult.OK, r["_id"],
-                                                tuple(by_entry.get(ei, ())), now)
-                    if hooks[bi] is not None:
-                        hooks[bi](conn, outcomes[bi])
-        # Duplicates inside the batch: replay of the first, or a conflict.
-        for i, o in enumerate(outcomes):
-            if isinstance(o, tuple):
-                first = outcomes[o[1]]
-                assert isinstance(first, EntryOutcome)
-                if hashes[i] != hashes[o[1]]:
-                    outcomes[i] = EntryOutcome(entries[i].key, EntryResult.EXISTS_WITH_DIFFERENT_CONTENT,
-                                               detail="the key was used for an entry with other content")
-                else:
-                    outcomes[i] = replace(first, replayed=True) if first.ok else first
-        return outcomes  # type: ignore[return-value]
-
-    def _evaluate(self, e: EntrySpec, ids: dict[str, int], accounts: dict[int, _Account],
-                  pendings: dict[str, _Pending], used_tkeys: set[str],
-                  rev_targets: dict[str, tuple[int, str, bool]], batch_reversed: set[str],
-                  now: int) -> tuple[EntryOutcome | None, dict]:
-        """Check one entry against the locked state; return (failure, {}) or (None, staged)."""
-        if e.reverses:
-            target = rev_targets.get(e.reverses)
-            if target is None:
-                return EntryOutcome(e.key, EntryResult.REVERSAL_TARGET_NOT_FOUND,
-                                    detail=f"no entry with key {e.reverses!r}"), {}
-            if target[2] or e.reverses in batch_reversed:
-                return EntryOutcome(e.key, EntryResult.ALREADY_REVERSED,
-                                    detail=f"entry {e.reverses!r} was already reversed"), {}
-            if target[1] in ("reversal", "expiry"):
-                return EntryOutcome(e.key, EntryResult.REVERSAL_MUST_NOT_BE_REVERSED,
-                                    detail=f"entry {e.reverses!r} is itself a reversal"), {}
-        for a in e.assertions:
-            acc_id = ids.get(a.account)
-            acc = accounts.get(acc_id) if acc_id is not None else None
-            actual = (acc.credits_posted - acc.debits_posted) if acc else None
-            if actual != a.expected_fen:
-                return EntryOutcome(e.key, EntryResult.BALANCE_ASSERTION_FAILED,
-                                    detail=f"{a.account}: expected {a.expected_fen}, found {actual}"), {}
-
-        def fail(index: int, result: TransferResult, detail: str) -> tuple[EntryOutcome, dict]:
-            return EntryOutcome(e.key, EntryResult.TRANSFER_FAILED, failed_index=index,
-                                transfer_result=result, detail=f"transfer {index}: {result.name.lower()}"
-                                + (f" ({detail})" if detail else "")), {}
-
-        deltas: dict[int, list[int]] = {}
-        rows: list[dict] = []
-        seen_keys: set[str] = set()
-        touched_pending: set[str] = set()
-        for index, t in enumerate(e.transfers):
-            if t.key in used_tkeys or t.key in seen_keys:
-                return fail(index, TransferResult.KEY_EXISTS_IN_ANOTHER_ENTRY, t.key)
-            seen_keys.add(t.key)
-            resolving = bool(t.flags & (TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING))
-            if resolving:
-                p = pendings.get(t.pending_key)
-                if p is None:
-                    return fail(index, TransferResult.PENDING_TRANSFER_NOT_FOUND, t.pending_key)
-                if p.state is PendingState.POSTED:
-                    return fail(index, TransferResult.PENDING_TRANSFER_ALREADY_POSTED, t.pending_key)
-                if p.state is PendingState.VOIDED:
-                    return fail(index, TransferResult.PENDING_TRANSFER_ALREADY_VOIDED, t.pending_key)
-                if p.state is PendingState.EXPIRED or (p.expires_ts is not None and p.expires_ts <= now):
-                    return fail(index, TransferResult.PENDING_TRANSFER_EXPIRED, t.pending_key)
-                if t.pending_key in touched_pending:
-                    return fail(index, TransferResult.PENDING_TRANSFER_ALREADY_POSTED, t.pending_key)
-                if t.debit and ids.get(t.debit) != p.debit_id:
-                    return fail(index, TransferResult.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT, t.debit)
-                if t.credit and ids.get(t.credit) != p.credit_id:
-                    return fail(index, TransferResult.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT, t.credit)
-                if t.amount_fen > p.amount:
-                    return fail(index, TransferResult.EXCEEDS_PENDING_TRANSFER_AMOUNT,
-                                f"{t.amount_fen} > {p.amount}")
-                touched_pending.add(t.pending_key)
-                debit_id, credit_id = p.debit_id, p.credit_id
-                posted = 0
-                if t.flags & TransferFlags.POST_PENDING:
-                    posted = t.amount_fen or p.amount
-                _add(deltas, debit_id, 0, -p.amount)
-                _add(deltas, credit_id, 2, -p.amount)
-                if posted:
-                    _add(deltas, debit_id, 1, posted)
-                    _add(deltas, credit_id, 3, posted)
-                rows.append(dict(debit_account_id=debit_id, credit_account_id=credit_id,
-                                 amount=posted if t.flags & TransferFlags.POST_PENDING else p.amount,
-                                 flags=int(t.flags), pending_id=p.id, timeout_s=0, code=t.code))
-                continue
-            debit_id = ids.get(t.debit)
-            credit_id = ids.get(t.credit)
-            if t.debit == t.credit:
-                return fail(index, TransferResult.ACCOUNTS_MUST_BE_DIFFERENT, t.debit)
-            if debit_id is None:
-                return fail(index, TransferResult.DEBIT_ACCOUNT_NOT_FOUND, t.debit)
-            if credit_id is None:
-                return fail(index, TransferResult.CREDIT_ACCOUNT_NOT_FOUND, t.credit)
-            if accounts[debit_id].ledger != accounts[credit_id].ledger:
-                return fail(index, TransferResult.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER,
-                            f"{t.debit} / {t.credit}")
-            pending_flag = bool(t.flags & TransferFlags.PENDING)
-            _add(deltas, debit_id, 0 if pending_flag else 1, t.amount_fen)
-            _add(deltas, credit_id, 2 if pending_flag else 3, t.amount_fen)
-            rows.append(dict(debit_account_id=debit_id, credit_account_id=credit_id, amount=t.amount_fen,
-                             flags=int(t.flags), pending_id=None, timeout_s=t.timeout_s, code=t.code))
-        # Limits on each account's net change within the entry (pending holds count).
-        first_index: dict[int, int] = {}
-        for index, row in enumerate(rows):
-            first_index.setdefault(row["debit_account_id"], index)
-            first_index.setdefault(row["credit_account_id"], index)
-        for acc_id, (dp, dpo, cp, cpo) in deltas.items():
-            a = accounts[acc_id]
-            new = (a.debits_pending + dp, a.debits_posted + dpo, a.credits_pending + cp, a.credits_posted + cpo)
-            if max(new) > BALANCE_MAX or new[0] + new[1] > BALANCE_MAX or new[2] + new[3] > BALANCE_MAX:
-                return fail(first_index[acc_id], TransferResult.OVERFLOWS_BALANCE, a.name)
-            debits, credits = new[0] + new[1], new[3]
-            if a.flags & AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS and (dp + dpo - cpo) > 0 \
-                    and debits > credits + a.credit_limit:
-                return fail(first_index[acc_id], TransferResult.EXCEEDS_CREDITS,
-                            f"{a.name}: available {credits + a.credit_limit - a.debits_pending - a.debits_posted}")
-            credits_all, debits_posted = new[2] + new[3], new[1]
-            if a.flags & AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS and (cp + cpo - dpo) > 0 \
-                    and credits_all > debits_posted + a.credit_limit:
-                return fail(first_index[acc_id], TransferResult.EXCEEDS_DEBITS, a.name)
-        return None, {"deltas": deltas, "rows": rows}
-
-    def _load_pendings(self, conn: Connection, keys: set[str]) -> dict[str, _Pending]:
-        out: dict[str, _Pending] = {}
-        t, p = s.transfers, s.pending
-        for chunk in _chunks(list(keys)):
-            rows = conn.execute(select(t.c.id, t.c.key, t.c.debit_account_id, t.c.credit_account_id,
-                                       t.c.amount, p.c.state, p.c.expires_ts)
-                                .select_from(t.join(p, p.c.transfer_id == t.c.id)).where(t.c.key.in_(chunk)))
-            for r in rows:
-                out[r.key] = _Pending(r.id, r.key, r.debit_account_id, r.credit_account_id, r.amount,
-                                      PendingState(r.state), r.expires_ts)
-        return out
-
-    def _expired_pendings(self, conn: Connection, account_ids: set[int], now: int) -> list[_Pending]:
-        if not account_ids:
-            return []
-        t, p = s.transfers, s.pending
-        out: list[_Pending] = []
-        for chunk in _chunks(sorted(account_ids)):
-            rows = conn.execute(select(t.c.id, t.c.key, t.c.debit_account_id, t.c.credit_account_id,
-                                       t.c.amount, p.c.expires_ts)
-                                .select_from(p.join(t, p.c.transfer_id == t.c.id))
-                                .where(p.c.state == int(PendingState.PENDING), p.c.expires_ts <= now,
-                                       or_(t.c.debit_account_id.in_(chunk), t.c.credit_account_id.in_(chunk))))
-            out.extend(_Pending(r.id, r.key, r.debit_account_id, r.credit_account_id, r.amount,
-                                PendingState.PENDING, r.expires_ts) for r in rows)
-        unique = {x.id: x for x in out}
-        return [unique[k] for k in sorted(unique)]
-
-    def _lock_accounts(self, conn: Connection, ids: list[int]) -> dict[int, _Account]:
-        out: dict[int, _Account] = {}
-        a = s.accounts
-        for chunk in _chunks(ids):
-            q = (select(a.c.id, a.c.name, a.c.kind, a.c.ledger, a.c.flags, a.c.credit_limit,
-                        a.c.debits_pending, a.c.debits_posted, a.c.credits_pending, a.c.credits_posted)
-                 .where(a.c.id.in_(chunk)).order_by(a.c.id))
-            if not is_sqlite(self.engine):
-                q = q.with_for_update()
-            for r in conn.execute(q):
-                out[r.id] = _Account(r.id, r.name, AccountKind(r.kind), r.ledger, r.flags, r.credit_limit,
-                                     r.debits_pending, r.debits_posted, r.credits_pending, r.credits_posted)
-        return out
+        return self._store.run(self.engine, work_pg, self.retries_max, with_sa=hooks is not None)
 
     def expire_pending(self) -> int:
-        """Sweeper: void every pending transfer whose timeout has passed. Returns the count."""
-        with self.engine.connect() as conn:
-            t, p = s.transfers, s.pending
-            ids = set()
-            for r in conn.execute(select(t.c.debit_account_id, t.c.credit_account_id)
-                                  .select_from(p.join(t, p.c.transfer_id == t.c.id))
-                                  .where(p.c.state == int(PendingState.PENDING), p.c.expires_ts <= self.now_us())):
-                ids |= {r.debit_account_id, r.credit_account_id}
-        if not ids:
-            return 0
-        names = []
-        with self.engine.connect() as conn:
-            names = list(conn.scalars(select(s.accounts.c.name).where(s.accounts.c.id.in_(list(ids)))))
-        count = 0
-
-        def work(conn: Connection) -> int:
+        """The sweeper: void every pending transfer whose timeout has passed, writing an
+        ``expiry`` entry with a ``VOID_PENDING | EXPIRED`` transfer for each (history shows when
+        the hold was released). Works in transactions of at most ``EXPIRE_HOLDS_MAX`` holds'
+        accounts. Returns how many holds were expired. Holds past their timeout are also
+        ignored by balance reads and voided by any batch that touches their accounts."""
+        total = 0
+        while True:
             now = self.now_us()
-            accounts = self._lock_accounts(conn, sorted(ids))
-            expired = [x for x in self._expired_pendings(conn, set(accounts), now)
-                       if x.debit_id in accounts and x.credit_id in accounts]
-            for x in expired:
-                e_id = _insert_returning_ids(conn, s.entries, [dict(
-                    key=f"expire:{x.id}", content_hash="", kind="expiry", reverses_entry_id=None,
-                    metadata="{}", ts=now)])[0]
-                t_id = _insert_returning_ids(conn, s.transfers, [dict(
-                    key=f"expire:{x.key}"[:160], entry_id=e_id, debit_account_id=x.debit_id,
-                    credit_account_id=x.credit_id, amount=x.amount,
-                    flags=int(TransferFlags.VOID_PENDING | TransferFlags.EXPIRED), pending_id=x.id,
-                    timeout_s=0, code=0, ts=now)])[0]
-                conn.execute(update(s.pending).where(s.pending.c.transfer_id == x.id)
-                             .values(state=int(PendingState.EXPIRED), resolved_by=t_id))
-                accounts[x.debit_id].debits_pending -= x.amount
-                accounts[x.credit_id].credits_pending -= x.amount
-                accounts[x.debit_id].dirty = accounts[x.credit_id].dirty = True
-            for acc in accounts.values():
-                if acc.dirty:
-                    conn.execute(update(s.accounts).where(s.accounts.c.id == acc.id).values(
-                        debits_pending=acc.debits_pending, credits_pending=acc.credits_pending))
-            return len(expired)
-
-        del names
-        count = run_with_retry(self.engine, work, retries_max=self.retries_max)
-        return count
+            with self.engine.connect() as conn:
+                rows = conn.execute(text(
+                    "SELECT debit_account_id, credit_account_id FROM ledger_pending "
+                    "WHERE state = 1 AND expires_ts <= :now ORDER BY expires_ts LIMIT :n"),
+                    {"now": now, "n": EXPIRE_HOLDS_MAX}).all()
+            if not rows:
+                return total
+            ids = sorted({x for r in rows for x in r})
+            count = self._run_batch([], None, extra_ids=ids)[1]
+            total += count
+            if count == 0:  # someone else released them meanwhile
+                return total
 
     # ------------------------------------------------------------------ reads
     def balance(self, name: str, *, as_of_us: int | None = None) -> Balance:
-        """Balances of one account now (expired holds already released), or posted balances
-        as of an instant (µs since the epoch; pending then counts holds open at that instant).
+        """Balances of one account now (holds past their timeout already released, whether or
+        not the sweeper has run), or as of an instant (µs since the epoch): posted amounts of
+        transfers at or before it, and holds open at it (created at or before, not resolved
+        and not timed out by then).
 
         Raises ``KeyError`` for an unknown account.
         """
         return self.balances([name], as_of_us=as_of_us)[name]
 
     def balances(self, names: Sequence[str], *, as_of_us: int | None = None) -> dict[str, Balance]:
-        """Balances of several accounts by name (see :meth:`balance`)."""
-        a, t, p = s.accounts, s.transfers, s.pending
+        """Balances of several accounts by name (see :meth:`balance`); ``KeyError`` names the
+        first unknown account."""
         out: dict[str, Balance] = {}
+        now = self.now_us()
         with self.engine.connect() as conn:
             rows = []
-            for chunk in _chunks(list(names)):
-                rows += conn.execute(select(a).where(a.c.name.in_(chunk))).all()
-            found = {r.name for r in rows}
-            missing = [n for n in names if n not in found]
-            if missing:
-                raise KeyError(f"unknown account {missing[0]!r}")
-            if as_of_us is None:
-                now = self.now_us()
-                for r in rows:
-                    released_d = conn.scalar(select(func.coalesce(func.sum(t.c.amount), 0))
-                                             .select_from(p.join(t, p.c.transfer_id == t.c.id))
-                                             .where(p.c.state == int(PendingState.PENDING),
-                                                    p.c.expires_ts <= now, t.c.debit_account_id == r.id))
-                    released_c = conn.scalar(select(func.coalesce(func.sum(t.c.amount), 0))
-                                             .select_from(p.join(t, p.c.transfer_id == t.c.id))
-                                             .where(p.c.state == int(PendingState.PENDING),
-                                                    p.c.expires_ts <= now, t.c.credit_account_id == r.id))
-                    out[r.name] = Balance(r.name, AccountKind(r.kind), r.debits_pending - int(released_d),
-                                          r.debits_posted, r.credits_pending - int(released_c), r.credits_posted)
-                return out
-            for r in rows:
-                out[r.name] = Balance(r.name, AccountKind(r.kind), *_recompute(conn, r.id, as_of_us))
+            for chunk in _chunks(list(dict.fromkeys(names))):
+                rows += conn.execute(text(
+                    "SELECT a.id, a.name, a.kind, a.debits_pending, a.debits_posted, a.credits_pending, "
+                    "a.credits_posted, "
+                    " (SELECT coalesce(sum(p.amount), 0) FROM ledger_pending p WHERE p.state = 1 "
+                    "   AND p.expires_ts <= :now AND p.debit_account_id = a.id), "
+                    " (SELECT coalesce(sum(p.amount), 0) FROM ledger_pending p WHERE p.state = 1 "
+                    "   AND p.expires_ts <= :now AND p.credit_account_id = a.id) "
+                    "FROM ledger_accounts a WHERE a.name IN :names").bindparams(
+                        _expanding("names")), {"now": now, "names": chunk}).all()
+            found = {r.name: r for r in rows}
+            for n in names:
+                if n not in found:
+                    raise KeyError(f"unknown account {n!r}")
+            for r in found.values():
+                if as_of_us is None:
+                    out[r.name] = Balance(r.name, AccountKind(r.kind), r.debits_pending - int(r[7]),
+                                          r.debits_posted, r.credits_pending - int(r[8]), r.credits_posted)
+                else:
+                    out[r.name] = Balance(r.name, AccountKind(r.kind), *_balance_as_of(conn, r.id, as_of_us))
         return out
 
     def statement(self, name: str, *, after_id: int = 0, limit: int = 100) -> list[StatementLine]:
-        """An account's transfers after transfer id ``after_id`` (paging), oldest first, at most
-        ``limit`` (≤ 1000), each with the running posted balance on the account's normal side.
-        Pending, void and expiry transfers are listed with their flags and do not move the
-        posted balance. Raises ``KeyError`` for an unknown account."""
-        limit = max(1, min(limit, 1000))
-        a, t, e = s.accounts, s.transfers, s.entries
+        """An account's transfers with id greater than ``after_id`` (paging: pass the last
+        line's ``transfer_id``), oldest first, at most ``limit`` (clamped to 1..1000), each with
+        the running posted balance on the account's normal side. Raises ``KeyError`` for an
+        unknown account."""
+        limit = max(1, min(int(limit), STATEMENT_LINES_MAX))
         with self.engine.connect() as conn:
-            acc = conn.execute(select(a.c.id, a.c.kind).where(a.c.name == name)).first()
+            acc = conn.execute(text("SELECT id, kind FROM ledger_accounts WHERE name = :n"), {"n": name}).first()
             if acc is None:
                 raise KeyError(f"unknown account {name!r}")
-            kind = AccountKind(acc.kind)
-            _, dpo, _, cpo = _recompute(conn, acc.id, None, before_transfer_id=after_id + 1)
-            running = cpo - dpo if kind.credit_normal else dpo - cpo
-            other = a.alias("other")
-            rows = conn.execute(
-                select(t.c.id, t.c.key, t.c.debit_account_id, t.c.credit_account_id, t.c.amount, t.c.flags,
-                       t.c.ts, e.c.key.label("entry_key"), e.c.kind, other.c.name.label("other_name"))
-                .select_from(t.join(e, e.c.id == t.c.entry_id).join(
-                    other, other.c.id == _case_other(t, acc.id)))
-                .where(or_(t.c.debit_account_id == acc.id, t.c.credit_account_id == acc.id), t.c.id > after_id)
-                .order_by(t.c.id).limit(limit)).all()
+            acc_id, kind = acc.id, AccountKind(acc.kind)
+            dpo = cpo = 0
+            if after_id > 0:
+                dpo, cpo = conn.execute(text(
+                    "SELECT coalesce(sum(CASE WHEN debit_account_id = :a THEN amount ELSE 0 END), 0), "
+                    "coalesce(sum(CASE WHEN credit_account_id = :a THEN amount ELSE 0 END), 0) "
+                    "FROM ledger_transfers WHERE (debit_account_id = :a OR credit_account_id = :a) "
+                    "AND id <= :after AND flags IN (0, 2)"), {"a": acc_id, "after": after_id}).one()
+            running = int(cpo) - int(dpo) if kind.credit_normal else int(dpo) - int(cpo)
+            side = ("SELECT * FROM (SELECT id, key, entry_id, debit_account_id, credit_account_id, amount, "
+                    "flags, ts, pending_id, {other} AS other_id FROM ledger_transfers "
+                    "WHERE {me} = :a AND id > :after ORDER BY id LIMIT :n) AS {alias}")
+            rows = conn.execute(text(
+                "SELECT x.id, x.key, x.debit_account_id, x.amount, x.flags, x.ts, e.key AS entry_key, e.kind, "
+                "o.name AS other_name, pt.key AS pending_key FROM ("
+                + side.format(other="credit_account_id", me="debit_account_id", alias="d")
+                + " UNION ALL "
+                + side.format(other="debit_account_id", me="credit_account_id", alias="c")
+                + ") AS x JOIN ledger_entries e ON e.id = x.entry_id "
+                "JOIN ledger_accounts o ON o.id = x.other_id "
+                "LEFT JOIN ledger_transfers pt ON pt.id = x.pending_id "
+                "ORDER BY x.id LIMIT :n"), {"a": acc_id, "after": after_id, "n": limit}).all()
         lines = []
         for r in rows:
             flags = TransferFlags(r.flags)
-            moves = not (flags & (TransferFlags.PENDING | TransferFlags.VOID_PENDING))
-            is_debit = r.debit_account_id == acc.id
-            if moves:
-                sign = -1 if (is_debit == kind.credit_normal) else 1
-                running += sign * r.amount
-            lines.append(StatementLine(r.id, r.key, r.entry_key, r.kind, r.ts, r.other_name,
-                                       r.amount if is_debit else 0, 0 if is_debit else r.amount, flags, running))
+            is_debit = r.debit_account_id == acc_id
+            if r.flags == F_NONE or r.flags == F_POST:
+                running += -r.amount if (is_debit == kind.credit_normal) else r.amount
+            lines.append(StatementLine(r.id, r.key or "", r.entry_key or "", r.kind, r.ts, r.other_name,
+                                       r.amount if is_debit else 0, 0 if is_debit else r.amount, flags,
+                                       running, r.pending_key or ""))
         return lines
 
     def trial_balance(self) -> TrialBalance:
-        """All posted debits and credits per ledger, and every account's balances."""
-        a = s.accounts
+        """All posted debits and credits per ledger number, and every account's stored
+        balances (holds past their timeout included until voided)."""
         debits: dict[int, int] = {}
         credits: dict[int, int] = {}
         balances = []
         with self.engine.connect() as conn:
-            for r in conn.execute(select(a).order_by(a.c.id)):
+            for r in conn.execute(text(
+                    "SELECT name, kind, ledger, debits_pending, debits_posted, credits_pending, credits_posted "
+                    "FROM ledger_accounts ORDER BY id")):
                 debits[r.ledger] = debits.get(r.ledger, 0) + r.debits_posted
                 credits[r.ledger] = credits.get(r.ledger, 0) + r.credits_posted
                 balances.append(Balance(r.name, AccountKind(r.kind), r.debits_pending, r.debits_posted,
@@ -737,199 +381,334 @@ class Ledger:
         return TrialBalance(debits, credits, balances)
 
     def entry(self, key: str) -> EntryView | None:
-        """The stored entry with this key and its transfers, or None."""
-        e, t, a, rv = s.entries, s.transfers, s.accounts, s.reversals
+        """The stored entry with this key and its transfers (account names resolved), or None.
+        Transfers are dicts with id, key, debit, credit, amount_fen, flags, code, pending_key."""
+        if not is_valid_key(key, KEY_LENGTH_MAX):
+            return None
         with self.engine.connect() as conn:
-            row = conn.execute(select(e).where(e.c.key == key)).first()
+            row = conn.execute(text(
+                "SELECT e.id, e.key, e.kind, e.ts, e.metadata, r.key AS reverses_key, "
+                "(SELECT x.key FROM ledger_reversals v JOIN ledger_entries x ON x.id = v.reversal_entry_id "
+                " WHERE v.entry_id = e.id) AS reversed_by_key "
+                "FROM ledger_entries e LEFT JOIN ledger_entries r ON r.id = e.reverses_entry_id "
+                "WHERE e.key = :k"), {"k": key}).first()
             if row is None:
                 return None
-            reverses_key = ""
-            if row.reverses_entry_id:
-                reverses_key = conn.scalar(select(e.c.key).where(e.c.id == row.reverses_entry_id)) or ""
-            rev_by = conn.scalar(select(e.c.key).select_from(rv.join(e, e.c.id == rv.c.reversal_entry_id))
-                                 .where(rv.c.entry_id == row.id)) or ""
-            d, c = a.alias("d"), a.alias("c")
-            trs = conn.execute(select(t.c.id, t.c.key, d.c.name.label("debit"), c.c.name.label("credit"),
-                                      t.c.amount, t.c.flags, t.c.code)
-                               .select_from(t.join(d, d.c.id == t.c.debit_account_id)
-                                            .join(c, c.c.id == t.c.credit_account_id))
-                               .where(t.c.entry_id == row.id).order_by(t.c.id)).all()
-        return EntryView(row.id, row.key, row.kind, row.ts, json.loads(row.metadata), reverses_key, rev_by,
+            trs = conn.execute(text(
+                "SELECT t.id, t.key, d.name AS debit, c.name AS credit, t.amount, t.flags, t.code, "
+                "pt.key AS pending_key FROM ledger_transfers t "
+                "JOIN ledger_accounts d ON d.id = t.debit_account_id "
+                "JOIN ledger_accounts c ON c.id = t.credit_account_id "
+                "LEFT JOIN ledger_transfers pt ON pt.id = t.pending_id "
+                "WHERE t.entry_id = :e ORDER BY t.id"), {"e": row.id}).all()
+        return EntryView(row.id, row.key, row.kind, row.ts, json.loads(row.metadata), row.reverses_key or "",
+                         row.reversed_by_key or "",
                          [dict(id=x.id, key=x.key, debit=x.debit, credit=x.credit, amount_fen=x.amount,
-                               flags=int(x.flags), code=x.code) for x in trs])
+                               flags=int(x.flags), code=x.code, pending_key=x.pending_key or "") for x in trs])
 
     # ------------------------------------------------------------------ audit chain
     def seal(self) -> int:
-        """Seal every unsealed transfer into the hash chain (off the hot path). Returns the
-        number of transfers sealed. Each seal's hash is SHA-256 over the previous hash and the
-        canonical rows of its transfers (see :func:`_seal_hash`)."""
-        def work(conn: Connection) -> int:
-            last = conn.execute(select(s.seals).order_by(s.seals.c.seq.desc()).limit(1)).first()
-            after = last.last_transfer_id if last else 0
-            prev = last.hash if last else "0" * 64
-            rows = _chain_rows(conn, after, None)
-            if not rows:
-                return 0
-            conn.execute(insert(s.seals).values(seq=(last.seq + 1) if last else 1,
-                                                first_transfer_id=rows[0][0], last_transfer_id=rows[-1][0],
-                                                transfer_count=len(rows), prev_hash=prev,
-                                                hash=_seal_hash(prev, rows), sealed_ts=self.now_us()))
-            return len(rows)
-        return run_with_retry(self.engine, work, retries_max=self.retries_max)
+        """Seal every transfer not yet sealed into the hash chain, off the hot path.
+
+        Each seal row covers a run of at most ``SEAL_TRANSFERS_MAX`` transfers in id order; its
+        hash is SHA-256 over the previous seal's hash and the canonical rows of its transfers
+        (:func:`chain_rows`, :func:`seal_hash`). On PostgreSQL ids are allocated by concurrent
+        transactions, so sealing stops at a watermark below which every writer has finished
+        (:func:`ledger.store_pg.seal_watermark`); on SQLite the single writer commits in id order.
+        Returns the number of transfers sealed.
+        """
+        if self._sqlite:
+            watermark = None
+        else:
+            watermark = run_with_retry(self.engine, seal_watermark, retries_max=self.retries_max)
+        total = 0
+        while True:
+            def work(conn: Connection) -> int:
+                last = conn.execute(select(s.seals).order_by(s.seals.c.seq.desc()).limit(1)).first()
+                after = last.last_transfer_id if last else 0
+                prev = last.hash if last else GENESIS_HASH
+                rows = chain_rows(conn, after, watermark, SEAL_TRANSFERS_MAX)
+                if not rows:
+                    return 0
+                conn.execute(insert(s.seals).values(
+                    seq=(last.seq + 1) if last else 1, first_transfer_id=rows[0][0],
+                    last_transfer_id=rows[-1][0], transfer_count=len(rows), prev_hash=prev,
+                    hash=seal_hash(prev, rows), sealed_ts=self.now_us()))
+                return len(rows)
+
+            count = run_with_retry(self.engine, work, retries_max=self.retries_max)
+            total += count
+            if count < SEAL_TRANSFERS_MAX:
+                return total
 
     def verify(self) -> list[str]:
-        """Recompute every account's balances from the transfers and check the hash chain.
+        """Recompute every account's balances from the transfers, check every pending
+        transfer's single resolution, the trial balance per ledger and the hash chain.
 
-        Returns a list of human-readable problems (empty when everything agrees)."""
+        Returns human-readable problems (empty when everything agrees); ``citizencard ledger
+        verify`` exits non-zero when the list is not empty. Reads only; safe while writing
+        (it reads one snapshot on PostgreSQL's REPEATABLE READ, and SQLite's read transaction).
+        """
         problems: list[str] = []
-        a = s.accounts
         with self.engine.connect() as conn:
-            for r in conn.execute(select(a).order_by(a.c.id)):
-                got = _recompute(conn, r.id, None)
-                want = (r.debits_pending, r.debits_posted, r.credits_pending, r.credits_posted)
-                if got != want:
-                    problems.append(f"account {r.name}: stored {want} but transfers give {got}")
-            prev = "0" * 64
-            after = 0
-            for seal in conn.execute(select(s.seals).order_by(s.seals.c.seq)):
-                if seal.prev_hash != prev:
-                    problems.append(f"seal {seal.seq}: previous hash does not chain")
-                rows = _chain_rows(conn, after, seal.last_transfer_id)
-                if len(rows) != seal.transfer_count or _seal_hash(seal.prev_hash, rows) != seal.hash:
-                    problems.append(f"seal {seal.seq}: transfers {seal.first_transfer_id}..{seal.last_transfer_id}"
-                                    " do not match their hash (history was edited)")
-                prev, after = seal.hash, seal.last_transfer_id
-            tb_d = conn.scalar(select(func.coalesce(func.sum(a.c.debits_posted), 0)))
-            tb_c = conn.scalar(select(func.coalesce(func.sum(a.c.credits_posted), 0)))
-            if tb_d != tb_c:
-                problems.append(f"trial balance: debits {tb_d} != credits {tb_c}")
+            if not self._sqlite:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                self._verify_balances(conn, problems)
+                self._verify_pending(conn, problems)
+                self._verify_references(conn, problems)
+                self._verify_chain(conn, problems)
         return problems
+
+    def _verify_references(self, conn: Connection, problems: list[str]) -> None:
+        """What foreign keys would check (the journal tables have none, see ``ledger.schema``)."""
+        checks = (
+            ("transfer {} belongs to no entry",
+             "SELECT t.id FROM ledger_transfers t LEFT JOIN ledger_entries e ON e.id = t.entry_id "
+             "WHERE e.id IS NULL"),
+            ("entry {} has no transfers",
+             "SELECT e.id FROM ledger_entries e WHERE NOT EXISTS "
+             "(SELECT 1 FROM ledger_transfers t WHERE t.entry_id = e.id)"),
+            ("pending row {} has no transfer",
+             "SELECT p.transfer_id FROM ledger_pending p LEFT JOIN ledger_transfers t ON t.id = p.transfer_id "
+             "WHERE t.id IS NULL"),
+            ("reversal of entry {} does not match its entries",
+             "SELECT r.entry_id FROM ledger_reversals r LEFT JOIN ledger_entries a ON a.id = r.entry_id "
+             "LEFT JOIN ledger_entries b ON b.id = r.reversal_entry_id "
+             "WHERE a.id IS NULL OR b.id IS NULL OR b.reverses_entry_id IS DISTINCT FROM r.entry_id"),
+            ("entry {} is a reversal without a reversal row",
+             "SELECT e.id FROM ledger_entries e WHERE e.reverses_entry_id IS NOT NULL AND NOT EXISTS "
+             "(SELECT 1 FROM ledger_reversals r WHERE r.reversal_entry_id = e.id)"),
+        )
+        for message, sql in checks:
+            for (ref,) in conn.execute(text(sql + " ORDER BY 1 LIMIT 20")):
+                problems.append(message.format(ref))
+
+    def _verify_balances(self, conn: Connection, problems: list[str]) -> None:
+        computed: dict[int, list[int]] = {}
+
+        def add(rows, slot: int) -> None:
+            for acc_id, amount in rows:
+                computed.setdefault(acc_id, [0, 0, 0, 0])[slot] += int(amount)
+
+        add(conn.execute(text("SELECT debit_account_id, sum(amount) FROM ledger_transfers WHERE flags IN (0, 2) "
+                              "GROUP BY debit_account_id")), 1)
+        add(conn.execute(text("SELECT credit_account_id, sum(amount) FROM ledger_transfers WHERE flags IN (0, 2) "
+                              "GROUP BY credit_account_id")), 3)
+        # Held: pending transfers that no transfer resolves (the transfers alone decide).
+        unresolved = ("FROM ledger_transfers t WHERE t.flags = 1 AND NOT EXISTS "
+                      "(SELECT 1 FROM ledger_transfers r WHERE r.pending_id = t.id)")
+        add(conn.execute(text(f"SELECT t.debit_account_id, sum(t.amount) {unresolved} GROUP BY t.debit_account_id")), 0)
+        add(conn.execute(text(f"SELECT t.credit_account_id, sum(t.amount) {unresolved} GROUP BY t.credit_account_id")), 2)
+        debits: dict[int, int] = {}
+        credits: dict[int, int] = {}
+        for r in conn.execute(text("SELECT id, name, ledger, flags, credit_limit, debits_pending, debits_posted, "
+                                   "credits_pending, credits_posted FROM ledger_accounts ORDER BY id")):
+            want = (r.debits_pending, r.debits_posted, r.credits_pending, r.credits_posted)
+            got = tuple(computed.pop(r.id, [0, 0, 0, 0]))
+            if got != want:
+                problems.append(f"account {r.name}: stored (debits_pending, debits_posted, credits_pending, "
+                                f"credits_posted) = {want} but the transfers give {got}")
+            if r.flags & AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS and \
+                    r.debits_pending + r.debits_posted > r.credits_posted + r.credit_limit:
+                problems.append(f"account {r.name}: debits exceed credits despite its flag")
+            if r.flags & AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS and \
+                    r.credits_pending + r.credits_posted > r.debits_posted + r.credit_limit:
+                problems.append(f"account {r.name}: credits exceed debits despite its flag")
+            debits[r.ledger] = debits.get(r.ledger, 0) + r.debits_posted
+            credits[r.ledger] = credits.get(r.ledger, 0) + r.credits_posted
+        for acc_id in computed:
+            problems.append(f"transfers name account id {acc_id}, which does not exist")
+        for ledger_no in sorted(set(debits) | set(credits)):
+            if debits.get(ledger_no, 0) != credits.get(ledger_no, 0):
+                problems.append(f"trial balance of ledger {ledger_no}: debits {debits.get(ledger_no, 0)} "
+                                f"!= credits {credits.get(ledger_no, 0)}")
+
+    def _verify_pending(self, conn: Connection, problems: list[str]) -> None:
+        expected_state = {F_POST: S_POSTED, F_VOID: S_VOIDED, F_EXPIRED_VOID: S_EXPIRED}
+        resolutions: dict[int, list[tuple[int, int, int]]] = {}
+        for rid, pid, flags, amount in conn.execute(text(
+                "SELECT id, pending_id, flags, amount FROM ledger_transfers WHERE pending_id IS NOT NULL")):
+            resolutions.setdefault(pid, []).append((rid, flags, amount))
+        pending_rows = {r.transfer_id: r for r in conn.execute(text(
+            "SELECT p.transfer_id, p.state, p.resolved_by, p.amount, p.debit_account_id, p.credit_account_id, "
+            "t.key, t.flags, t.amount AS t_amount, t.debit_account_id AS t_d, t.credit_account_id AS t_c "
+            "FROM ledger_pending p JOIN ledger_transfers t ON t.id = p.transfer_id"))}
+        count = conn.execute(text("SELECT count(*) FROM ledger_transfers WHERE flags = 1")).scalar_one()
+        if count != len(pending_rows):
+            problems.append(f"{count} pending transfers but {len(pending_rows)} pending rows")
+        for tid, p in pending_rows.items():
+            label = f"pending transfer {p.key!r}"
+            if p.flags != F_PENDING or (p.amount, p.debit_account_id, p.credit_account_id) != (p.t_amount, p.t_d, p.t_c):
+                problems.append(f"{label}: pending row does not match its transfer")
+            res = resolutions.pop(tid, [])
+            if len(res) > 1:
+                problems.append(f"{label}: resolved {len(res)} times")
+            if p.state == S_PENDING:
+                if res:
+                    problems.append(f"{label}: marked pending but resolved by transfer {res[0][0]}")
+                continue
+            if not res:
+                problems.append(f"{label}: marked resolved (state {p.state}) but no transfer resolves it")
+                continue
+            rid, flags, amount = res[0]
+            if p.resolved_by != rid or expected_state.get(flags) != p.state:
+                problems.append(f"{label}: state {p.state} / resolved_by {p.resolved_by} disagree with "
+                                f"transfer {rid} (flags {flags})")
+            if amount > p.amount:
+                problems.append(f"{label}: resolved for {amount}, more than the {p.amount} held")
+        for pid, res in resolutions.items():
+            problems.append(f"transfer {res[0][0]} resolves transfer {pid}, which is not a pending transfer")
+
+    def _verify_chain(self, conn: Connection, problems: list[str]) -> None:
+        prev, after = GENESIS_HASH, 0
+        for seal in conn.execute(select(s.seals).order_by(s.seals.c.seq)).all():
+            if seal.prev_hash != prev:
+                problems.append(f"seal {seal.seq}: its previous hash does not chain to seal {seal.seq - 1}")
+            rows = chain_rows(conn, after, seal.last_transfer_id, None)
+            if (len(rows) != seal.transfer_count or not rows or rows[0][0] != seal.first_transfer_id
+                    or seal_hash(seal.prev_hash, rows) != seal.hash):
+                problems.append(f"seal {seal.seq}: transfers {seal.first_transfer_id}..{seal.last_transfer_id} "
+                                "do not match their hash (history was edited)")
+            prev, after = seal.hash, seal.last_transfer_id
 
 
 # ---------------------------------------------------------------------- helpers
+def _lookups(batch: Sequence[Prepared], extra_ids: Sequence[int]) -> tuple:
+    """What a batch must read: (names, extra account ids, pending keys, entry keys, transfer
+    keys, reversal keys), only values the database can hold (anything else is not found)."""
+    names: dict[str, None] = {}
+    pending_keys: dict[str, None] = {}
+    entry_keys: dict[str, None] = {}
+    transfer_keys: list[str] = []
+    reverse_keys: dict[str, None] = {}
+    for p in batch:
+        if p.failure is not None:
+            continue
+        spec = p.spec
+        entry_keys[spec.key] = None
+        if spec.reverses and is_valid_key(spec.reverses, KEY_LENGTH_MAX):
+            reverse_keys[spec.reverses] = None
+        for t in spec.transfers:
+            names[t.debit] = None
+            names[t.credit] = None
+            if t.pending_key:
+                pending_keys[t.pending_key] = None
+            transfer_keys.append(t.key)
+        for a in spec.assertions:
+            names[a.account] = None
+    names_ok = [n for n in names if n and is_valid_key(n, KEY_LENGTH_MAX)]
+    pkeys_ok = [k for k in pending_keys if is_valid_key(k, TRANSFER_KEY_LENGTH_MAX)]
+    tkeys_ok = [k for k in transfer_keys if is_valid_key(k, TRANSFER_KEY_LENGTH_MAX)]
+    return names_ok, list(extra_ids), pkeys_ok, list(entry_keys), tkeys_ok, list(reverse_keys)
+
+
+def _call_hooks(conn, hooks, plan, outcomes: list[EntryOutcome]) -> None:
+    for hook, r, outcome in zip(hooks, plan.results, outcomes):
+        if hook is not None and type(r) is tuple and r[0] == "new":
+            hook(conn, outcome)
+
+
+def _expanding(name: str):
+    from sqlalchemy import bindparam
+    return bindparam(name, expanding=True)
+
+
 def _chunks(items: list, size: int = SQL_IN_CHUNK_MAX):
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
 
-def _add(deltas: dict[int, list[int]], acc_id: int, slot: int, amount: int) -> None:
-    d = deltas.setdefault(acc_id, [0, 0, 0, 0])
-    d[slot] += amount
+def _static_account_result(spec: AccountSpec) -> AccountResult | None:
+    """The first stateless account rule that fails (``ACCOUNT_CHECK_ORDER``), or None."""
+    if not isinstance(spec.kind, AccountKind):
+        raise TypeError(f"account {spec.name!r}: kind must be an AccountKind")
+    for value in (spec.credit_limit_fen, spec.code, spec.ledger):
+        if type(value) is not int:
+            raise TypeError(f"account {spec.name!r}: credit_limit_fen, code and ledger must be int")
+    if not spec.name:
+        return AccountResult.NAME_MUST_NOT_BE_EMPTY
+    if len(spec.name) > KEY_LENGTH_MAX:
+        return AccountResult.NAME_TOO_LONG
+    if not spec.name.isprintable():
+        return AccountResult.NAME_MUST_BE_PRINTABLE
+    if (spec.flags & AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+            and spec.flags & AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS) or int(spec.flags) & ~3:
+        return AccountResult.FLAGS_ARE_MUTUALLY_EXCLUSIVE
+    if spec.credit_limit_fen < 0:
+        return AccountResult.CREDIT_LIMIT_MUST_NOT_BE_NEGATIVE
+    if spec.credit_limit_fen > AMOUNT_FEN_MAX:
+        return AccountResult.CREDIT_LIMIT_TOO_LARGE
+    if spec.currency not in CURRENCY_EXPONENTS:
+        return AccountResult.UNKNOWN_CURRENCY
+    if not 1 <= spec.ledger <= INT32_MAX:
+        return AccountResult.LEDGER_OUT_OF_RANGE
+    if not 0 <= spec.code <= INT32_MAX:
+        return AccountResult.CODE_OUT_OF_RANGE
+    return None
 
 
-def _insert_returning_ids(conn: Connection, table, rows: list[dict]) -> list[int]:
-    if not rows:
-        return []
-    result = conn.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
-    return [r[0] for r in result]
-
-
-def _case_other(t, account_id: int):
-    from sqlalchemy import case
-    return case((t.c.debit_account_id == account_id, t.c.credit_account_id), else_=t.c.debit_account_id)
-
-
-def _recompute(conn: Connection, account_id: int, as_of_us: int | None, *,
-               before_transfer_id: int | None = None) -> tuple[int, int, int, int]:
-    """(debits_pending, debits_posted, credits_pending, credits_posted) from the transfers."""
-    t, p = s.transfers, s.pending
-    r = t.alias("r")
-    out = []
-    for side in (t.c.debit_account_id, t.c.credit_account_id):
-        cond = [side == account_id]
-        if as_of_us is not None:
-            cond.append(t.c.ts <= as_of_us)
-        if before_transfer_id is not None:
-            cond.append(t.c.id < before_transfer_id)
-        posted_flags = or_(t.c.flags == int(TransferFlags.NONE), t.c.flags == int(TransferFlags.POST_PENDING))
-        posted = conn.scalar(select(func.coalesce(func.sum(t.c.amount), 0)).where(and_(*cond), posted_flags))
-        held = conn.scalar(select(func.coalesce(func.sum(t.c.amount), 0)).where(
-            and_(*cond), t.c.flags == int(TransferFlags.PENDING)))
-        res_cond = [r.c.pending_id == t.c.id]
-        if as_of_us is not None:
-            res_cond.append(r.c.ts <= as_of_us)
-        if before_transfer_id is not None:
-            res_cond.append(r.c.id < before_transfer_id)
-        released = conn.scalar(select(func.coalesce(func.sum(t.c.amount), 0)).where(
-            and_(*cond), t.c.flags == int(TransferFlags.PENDING),
-            select(r.c.id).where(*res_cond).exists()))
-        out.append((int(held) - int(released), int(posted)))
-    (dp, dpo), (cp, cpo) = out
-    return dp, dpo, cp, cpo
-
-
-def _chain_rows(conn: Connection, after_id: int, upto_id: int | None) -> list[tuple]:
-    t, e = s.transfers, s.entries
-    q = (select(t.c.id, t.c.key, e.c.key, t.c.debit_account_id, t.c.credit_account_id, t.c.amount,
-                t.c.flags, t.c.pending_id, t.c.ts)
-         .select_from(t.join(e, e.c.id == t.c.entry_id)).where(t.c.id > after_id).order_by(t.c.id))
-    if upto_id is not None:
-        q = q.where(t.c.id <= upto_id)
-    return [tuple(r) for r in conn.execute(q)]
-
-
-def _seal_hash(prev_hash: str, rows: list[tuple]) -> str:
-    h = hashlib.sha256(prev_hash.encode())
-    for row in rows:
-        h.update(json.dumps(list(row), separators=(",", ":")).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def _compare_account(row, spec: AccountSpec) -> AccountResult:
-    if row.kind != spec.kind.value:
+def _compare_account(row: AccountSpec, spec: AccountSpec) -> AccountResult:
+    if row.kind != spec.kind:
         return AccountResult.EXISTS_WITH_DIFFERENT_KIND
     if row.code != spec.code:
         return AccountResult.EXISTS_WITH_DIFFERENT_CODE
     if row.ledger != spec.ledger:
         return AccountResult.EXISTS_WITH_DIFFERENT_LEDGER
-    if row.flags != int(spec.flags):
+    if row.currency != spec.currency:
+        return AccountResult.EXISTS_WITH_DIFFERENT_CURRENCY
+    if int(row.flags) != int(spec.flags):
         return AccountResult.EXISTS_WITH_DIFFERENT_FLAGS
-    if row.credit_limit != spec.credit_limit_fen:
+    if row.credit_limit_fen != spec.credit_limit_fen:
         return AccountResult.EXISTS_WITH_DIFFERENT_CREDIT_LIMIT
     return AccountResult.EXISTS
 
 
-def _static_check(e: EntrySpec) -> EntryOutcome | None:
-    """Checks that need no state, in the documented order; None when the entry may proceed."""
-    if not e.key:
-        return EntryOutcome(e.key, EntryResult.KEY_MUST_NOT_BE_EMPTY)
-    if len(e.key) > KEY_LENGTH_MAX:
-        return EntryOutcome(e.key, EntryResult.KEY_TOO_LONG)
-    if not e.transfers:
-        return EntryOutcome(e.key, EntryResult.TRANSFERS_MUST_NOT_BE_EMPTY)
-    if len(e.transfers) > TRANSFERS_PER_ENTRY_MAX:
-        return EntryOutcome(e.key, EntryResult.TOO_MANY_TRANSFERS)
-    for index, t in enumerate(e.transfers):
-        result = _static_transfer(t)
-        if result is not TransferResult.OK:
-            return EntryOutcome(e.key, EntryResult.TRANSFER_FAILED, failed_index=index, transfer_result=result,
-                                detail=f"transfer {index}: {result.name.lower()}")
-    return None
+def _balance_as_of(conn: Connection, account_id: int, as_of_us: int) -> tuple[int, int, int, int]:
+    """(debits_pending, debits_posted, credits_pending, credits_posted) as of an instant."""
+    dpo, cpo = conn.execute(text(
+        "SELECT coalesce(sum(CASE WHEN debit_account_id = :a THEN amount ELSE 0 END), 0), "
+        "coalesce(sum(CASE WHEN credit_account_id = :a THEN amount ELSE 0 END), 0) "
+        "FROM ledger_transfers WHERE (debit_account_id = :a OR credit_account_id = :a) "
+        "AND ts <= :t AND flags IN (0, 2)"), {"a": account_id, "t": as_of_us}).one()
+    dp, cp = conn.execute(text(
+        "SELECT coalesce(sum(CASE WHEN p.debit_account_id = :a THEN p.amount ELSE 0 END), 0), "
+        "coalesce(sum(CASE WHEN p.credit_account_id = :a THEN p.amount ELSE 0 END), 0) "
+        "FROM ledger_pending p JOIN ledger_transfers t ON t.id = p.transfer_id "
+        "LEFT JOIN ledger_transfers r ON r.id = p.resolved_by "
+        "WHERE (p.debit_account_id = :a OR p.credit_account_id = :a) AND t.ts <= :t "
+        "AND (r.id IS NULL OR r.ts > :t) AND (p.expires_ts IS NULL OR p.expires_ts > :t)"),
+        {"a": account_id, "t": as_of_us}).one()
+    return int(dp), int(dpo), int(cp), int(cpo)
 
 
-def _static_transfer(t: TransferSpec) -> TransferResult:
-    if not t.key:
-        return TransferResult.KEY_MUST_NOT_BE_EMPTY
-    if len(t.key) > 160:
-        return TransferResult.KEY_TOO_LONG
-    kinds = [f for f in (TransferFlags.PENDING, TransferFlags.POST_PENDING, TransferFlags.VOID_PENDING)
-             if t.flags & f]
-    if len(kinds) > 1 or t.flags & TransferFlags.EXPIRED:
-        return TransferResult.FLAGS_ARE_MUTUALLY_EXCLUSIVE
-    resolving = bool(t.flags & (TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING))
-    if resolving and not t.pending_key:
-        return TransferResult.PENDING_KEY_REQUIRED
-    if not resolving and t.pending_key:
-        return TransferResult.PENDING_KEY_MUST_BE_EMPTY
-    if t.timeout_s and not t.flags & TransferFlags.PENDING:
-        return TransferResult.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER
-    if t.timeout_s < 0 or t.timeout_s > TIMEOUT_S_MAX:
-        return TransferResult.TIMEOUT_TOO_LARGE
-    if t.amount_fen < 0:
-        return TransferResult.AMOUNT_MUST_NOT_BE_NEGATIVE
-    if t.amount_fen == 0 and not resolving:
-        return TransferResult.AMOUNT_MUST_BE_POSITIVE
-    if t.amount_fen > AMOUNT_FEN_MAX:
-        return TransferResult.AMOUNT_TOO_LARGE
-    return TransferResult.OK
+def chain_rows(conn: Connection, after_id: int, upto_id: int | None, limit: int | None) -> list[tuple]:
+    """The canonical rows of the transfers with ``after_id < id <= upto_id`` in id order: the
+    transfer's columns, its entry's key, kind and content hash, and the SHA-256 of its entry's
+    metadata (so editing any of them breaks the seal)."""
+    q = ("SELECT t.id, t.key, t.entry_id, e.key, e.kind, e.content_hash, e.metadata, t.debit_account_id, "
+         "t.credit_account_id, t.amount, t.flags, t.pending_id, t.timeout_s, t.code, t.ts "
+         "FROM ledger_transfers t JOIN ledger_entries e ON e.id = t.entry_id WHERE t.id > :after")
+    params: dict = {"after": after_id}
+    if upto_id is not None:
+        q += " AND t.id <= :upto"
+        params["upto"] = upto_id
+    q += " ORDER BY t.id"
+    if limit is not None:
+        q += " LIMIT :n"
+        params["n"] = limit
+    out = []
+    for r in conn.execute(text(q), params):
+        row = list(r)
+        row[6] = hashlib.sha256(row[6].encode()).hexdigest()
+        out.append(tuple(row))
+    return out
+
+
+def seal_hash(prev_hash: str, rows: list[tuple]) -> str:
+    """SHA-256 (hex) over ``prev_hash`` and each row's compact JSON followed by a newline."""
+    h = hashlib.sha256(prev_hash.encode())
+    for row in rows:
+        h.update(json.dumps(list(row), separators=(",", ":"), ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()

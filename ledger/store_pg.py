@@ -1,0 +1,433 @@
+"""PostgreSQL storage for the ledger state machine: a batch in two round trips.
+
+A batch is exactly two messages to the server, each a server-side prepared statement run
+through the simple-query protocol (psycopg costs tens of µs of Python per call, so the hot path
+makes as few driver calls as possible and no per-row ones):
+
+1. ``BEGIN; SET LOCAL …; LOCK TABLE ledger_transfers IN ROW EXCLUSIVE MODE; EXECUTE
+   ledger_read_…(…)`` (statements are planned once per connection, index access only, see
+   ``_BEGIN``) — ONE statement that locks every account the batch
+   touches (the accounts it names, those of the pending transfers it resolves and of the expired
+   holds on them) with ``SELECT … ORDER BY id FOR UPDATE`` (ascending id order: two batches
+   never deadlock on accounts) and returns, as JSON, the locked balances, the existing entries
+   with the batch's keys (idempotency), the transfers with its transfer and pending keys, the
+   open holds past their timeout on its accounts, reversal targets, and it draws the ids of the
+   rows to insert from the tables' sequences;
+2. ``EXECUTE ledger_write_…(…); COMMIT`` — ONE statement of data-modifying CTEs that inserts
+   every entry, transfer, pending row and reversal (multi-row, from arrays, ids already known),
+   resolves pending transfers and updates each touched account once (``UPDATE … FROM
+   unnest(…)``). When hooks must run in the transaction, COMMIT is sent after them instead.
+
+Each statement comes in a lean variant (plain transfers: what nearly every batch is) and a full
+one (pending transfers, posts, voids, expiries, reversals): the executor start-up of the full
+plan costs about twice the lean one on this kind of hardware.
+
+Locked account rows are read at their newest version (READ COMMITTED re-reads a row it had to
+wait for); everything else in statement 1 is read from the statement's snapshot, which may
+predate a concurrent commit it waited for. That is safe because every decision taken on such a
+read is re-checked by the database when written: a duplicate entry, transfer key or reversal
+hits a unique index (the batch is retried and then replays or reports), and a pending transfer
+is resolved only ``WHERE state = 1`` with the count checked inside statement 2 (the guard aborts
+the transaction, so the pipelined COMMIT cannot commit, and the batch is retried).
+
+Ids come from the tables' sequences after the transaction took ``ledger_transfers``' ROW
+EXCLUSIVE lock; :func:`seal_watermark` relies on that to seal the hash chain only below ids
+whose transactions have all finished.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+
+from psycopg import errors as pg_errors, generators, pq
+from sqlalchemy import Connection, Engine
+
+from ledger.db import RETRY_SLEEP_S_MAX, StaleReadError, is_retryable, is_unique_violation
+from ledger.machine import (Account, Hold, Plan, ReversalTarget, Snapshot, StoredEntry, F_NONE, F_PENDING,
+                            F_POST, S_PENDING)
+
+VERSION = "v2"  #: bump when a statement changes (connections prepare each name once)
+GUARD = "ledger guard failed: "
+#: Plan each statement once per connection (generic plan), and plan it index-only: every lookup
+#: of the hot path has an index, and a plan chosen while a table was small must not turn into a
+#: sequential scan of millions of rows per transaction later. The ROW EXCLUSIVE lock on
+#: ``ledger_transfers`` is what INSERT would take anyway; taking it before ids are drawn is what
+#: lets :func:`seal_watermark` know that no lower id can still appear.
+_BEGIN = ("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; "
+          "LOCK TABLE ledger_transfers IN ROW EXCLUSIVE MODE; ")
+_IDLE = pq.TransactionStatus.IDLE
+_FATAL = pq.ExecStatus.FATAL_ERROR
+_loads = json.loads
+
+
+def _read_sql(full: bool) -> str:
+    """Statement 1. Parameters: $1 names, $2 more account ids, $3 now (µs), $4 entry keys,
+    $5 transfer keys (and pending keys), $6 entries and $7 transfers to draw ids for; ``full``
+    adds $8 pending keys and $9 keys of entries to reverse."""
+    name = f"ledger_read_{'full' if full else 'simple'}_{VERSION}"
+    types = "text[], bigint[], bigint, text[], text[], int, int" + (", text[], text[]" if full else "")
+    pending_base = """
+    UNION SELECT t.debit_account_id FROM ledger_transfers t WHERE t.key = ANY($8)
+    UNION SELECT t.credit_account_id FROM ledger_transfers t WHERE t.key = ANY($8)""" if full else ""
+    reversals = """,
+  (SELECT json_agg(json_build_array(e.key, e.id, e.reverses_entry_id IS NOT NULL,
+                   EXISTS (SELECT 1 FROM ledger_reversals r WHERE r.entry_id = e.id),
+                   t.debit_account_id, t.credit_account_id, t.amount, t.flags))
+   FROM ledger_entries e LEFT JOIN ledger_transfers t ON t.entry_id = e.id WHERE e.key = ANY($9))""" if full else ""
+    return f"""
+PREPARE {name} ({types}) AS
+WITH base AS (
+    SELECT a.id FROM ledger_accounts a WHERE a.name = ANY($1)
+    UNION SELECT unnest($2){pending_base}
+),
+ex AS MATERIALIZED (
+    SELECT p.transfer_id, p.debit_account_id, p.credit_account_id, p.amount, p.expires_ts
+    FROM ledger_pending p
+    WHERE p.state = 1 AND p.expires_ts <= $3
+      AND (p.debit_account_id IN (SELECT id FROM base) OR p.credit_account_id IN (SELECT id FROM base))
+),
+locked AS MATERIALIZED (
+    SELECT a.id, a.name, a.kind, a.ledger, a.flags, a.credit_limit,
+           a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted
+    FROM ledger_accounts a
+    WHERE a.id = ANY(ARRAY(SELECT id FROM base UNION SELECT debit_account_id FROM ex
+                           UNION SELECT credit_account_id FROM ex))
+    ORDER BY a.id
+    FOR UPDATE OF a
+)
+SELECT
+  (SELECT json_agg(json_build_array(id, name, kind, ledger, flags, credit_limit, debits_pending,
+                                    debits_posted, credits_pending, credits_posted)) FROM locked),
+  (SELECT json_agg(json_build_array(e.key, e.id, e.content_hash, e.ts,
+                   ARRAY(SELECT t.id FROM ledger_transfers t WHERE t.entry_id = e.id ORDER BY t.id)))
+   FROM ledger_entries e WHERE e.key = ANY($4)),
+  (SELECT json_agg(json_build_array(t.key, t.id, t.entry_id, t.debit_account_id, t.credit_account_id,
+                                    t.amount, t.flags, p.state, p.expires_ts))
+   FROM ledger_transfers t LEFT JOIN ledger_pending p ON p.transfer_id = t.id WHERE t.key = ANY($5)),
+  (SELECT json_agg(json_build_array(ex.transfer_id, t.key, ex.debit_account_id, ex.credit_account_id,
+                                    ex.amount, ex.expires_ts) ORDER BY ex.transfer_id)
+   FROM ex JOIN ledger_transfers t ON t.id = ex.transfer_id),
+  (SELECT array_agg(nextval('{{entries_seq}}')) FROM generate_series(1, $6 + (SELECT count(*) FROM ex)))::text,
+  (SELECT array_agg(nextval('{{transfers_seq}}')) FROM generate_series(1, $7 + (SELECT count(*) FROM ex)))::text
+  {reversals}
+"""
+
+
+def _write_sql(full: bool) -> str:
+    """Statement 2: the plan's rows with their ids; the guard aborts on a stale read."""
+    name = f"ledger_write_{'full' if full else 'simple'}_{VERSION}"
+    params = [("ts", "bigint"), ("n_acc", "int"),
+              ("e_id", "bigint[]"), ("e_key", "text[]"), ("e_hash", "text[]"), ("e_kind", "text[]"),
+              ("e_meta", "text[]"),
+              ("t_id", "bigint[]"), ("t_key", "text[]"), ("t_entry", "bigint[]"), ("t_d", "bigint[]"),
+              ("t_c", "bigint[]"), ("t_amount", "bigint[]"), ("t_flags", "int[]"), ("t_timeout", "int[]"),
+              ("t_code", "int[]"),
+              ("a_id", "bigint[]"), ("a_dp", "bigint[]"), ("a_dpo", "bigint[]"), ("a_cp", "bigint[]"),
+              ("a_cpo", "bigint[]")]
+    if full:
+        params += [("n_upd", "int"), ("e_rev", "bigint[]"), ("t_pid", "bigint[]"),
+                   ("p_tid", "bigint[]"), ("p_d", "bigint[]"), ("p_c", "bigint[]"), ("p_amount", "bigint[]"),
+                   ("p_state", "int[]"), ("p_expires", "bigint[]"), ("p_by", "bigint[]"),
+                   ("u_tid", "bigint[]"), ("u_state", "int[]"), ("u_by", "bigint[]"),
+                   ("r_entry", "bigint[]"), ("r_by", "bigint[]")]
+    P = {n: f"${i + 1}" for i, (n, _) in enumerate(params)}
+    rev = f"x.rev" if full else "NULL::bigint"
+    rev_arg = f", {P['e_rev']}" if full else ""
+    rev_col = ", rev" if full else ""
+    pid = "x.pid" if full else "NULL::bigint"
+    pid_arg = f", {P['t_pid']}" if full else ""
+    pid_col = ", pid" if full else ""
+    sql = f"""
+PREPARE {name} ({", ".join(t for _, t in params)}) AS
+WITH
+ins_e AS (
+    INSERT INTO ledger_entries (id, key, content_hash, kind, reverses_entry_id, metadata, ts)
+    SELECT x.id, x.key, x.h, x.kind, {rev}, x.meta, {P["ts"]}
+    FROM unnest({P["e_id"]}, {P["e_key"]}, {P["e_hash"]}, {P["e_kind"]}, {P["e_meta"]}{rev_arg})
+         AS x(id, key, h, kind, meta{rev_col})
+),
+ins_t AS (
+    INSERT INTO ledger_transfers (id, key, entry_id, debit_account_id, credit_account_id, amount, flags,
+                                  pending_id, timeout_s, code, ts)
+    SELECT x.id, x.key, x.e, x.d, x.c, x.amount, x.flags, {pid}, x.timeout_s, x.code, {P["ts"]}
+    FROM unnest({P["t_id"]}, {P["t_key"]}, {P["t_entry"]}, {P["t_d"]}, {P["t_c"]}, {P["t_amount"]},
+                {P["t_flags"]}, {P["t_timeout"]}, {P["t_code"]}{pid_arg})
+         AS x(id, key, e, d, c, amount, flags, timeout_s, code{pid_col})
+),"""
+    if full:
+        sql += f"""
+ins_p AS (
+    INSERT INTO ledger_pending (transfer_id, debit_account_id, credit_account_id, amount, state,
+                                expires_ts, resolved_by)
+    SELECT * FROM unnest({P["p_tid"]}, {P["p_d"]}, {P["p_c"]}, {P["p_amount"]}, {P["p_state"]},
+                         {P["p_expires"]}, {P["p_by"]})
+),
+upd_p AS (
+    UPDATE ledger_pending p SET state = x.state, resolved_by = x.by
+    FROM unnest({P["u_tid"]}, {P["u_state"]}, {P["u_by"]}) AS x(tid, state, by)
+    WHERE p.transfer_id = x.tid AND p.transfer_id = ANY({P["u_tid"]}) AND p.state = 1
+    RETURNING 1
+),
+ins_r AS (
+    INSERT INTO ledger_reversals (entry_id, reversal_entry_id)
+    SELECT * FROM unnest({P["r_entry"]}, {P["r_by"]})
+),"""
+    sql += f"""
+upd_a AS (
+    UPDATE ledger_accounts a
+    SET debits_pending = a.debits_pending + x.dp, debits_posted = a.debits_posted + x.dpo,
+        credits_pending = a.credits_pending + x.cp, credits_posted = a.credits_posted + x.cpo
+    FROM unnest({P["a_id"]}, {P["a_dp"]}, {P["a_dpo"]}, {P["a_cp"]}, {P["a_cpo"]}) AS x(id, dp, dpo, cp, cpo)
+    WHERE a.id = x.id AND a.id = ANY({P["a_id"]})
+    RETURNING 1
+)
+SELECT CASE WHEN (SELECT count(*) FROM upd_a) = {P["n_acc"]}"""
+    if full:
+        sql += f""" AND (SELECT count(*) FROM upd_p) = {P["n_upd"]}"""
+    sql += f"""
+            THEN 0
+            -- the guard: abort the transaction (so the COMMIT sent with this statement cannot
+            -- commit) when an account row was missing or a pending transfer no longer open
+            ELSE ('{GUARD}' || (SELECT count(*) FROM upd_a){" || '/' || (SELECT count(*) FROM upd_p)" if full else ""})::int
+       END
+"""
+    return sql
+
+
+READ_SIMPLE, READ_FULL = f"ledger_read_simple_{VERSION}", f"ledger_read_full_{VERSION}"
+WRITE_SIMPLE, WRITE_FULL = f"ledger_write_simple_{VERSION}", f"ledger_write_full_{VERSION}"
+STATEMENTS = {READ_SIMPLE: _read_sql(False), READ_FULL: _read_sql(True),
+              WRITE_SIMPLE: _write_sql(False), WRITE_FULL: _write_sql(True)}
+
+SEQUENCES_SQL = ("SELECT pg_get_serial_sequence('ledger_entries', 'id'), "
+                 "pg_get_serial_sequence('ledger_transfers', 'id'), current_setting('standard_conforming_strings')")
+
+
+# ------------------------------------------------------------------------------ literals
+def text_array(items) -> str:
+    """An SQL string literal holding a PostgreSQL text[] literal (None -> NULL)."""
+    parts = []
+    for s in items:
+        if s is None:
+            parts.append("NULL")
+        else:
+            parts.append('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return "'{" + ",".join(parts).replace("'", "''") + "}'"
+
+
+def int_array(items) -> str:
+    """An SQL string literal holding an integer array literal (None -> NULL)."""
+    return "'{" + ",".join(["NULL" if v is None else str(int(v)) for v in items]) + "}'"
+
+
+def _ints(items) -> str:  # no None inside; every item an int already
+    return "'{" + ",".join(map(str, items)) + "}'"
+
+
+def _id_list(text_value: bytes | None) -> list[int]:
+    if not text_value or text_value == b"{}":
+        return []
+    return [int(x) for x in text_value[1:-1].split(b",")]
+
+
+def execute(raw, sql: str) -> list:
+    """Send ``sql`` (one or more statements, simple-query protocol) on the psycopg connection
+    ``raw`` and return libpq results, raising the psycopg error of the first failure.
+
+    Goes below psycopg's cursors: no per-call cursor and row machinery, and — important — not
+    through psycopg's prepared-statement manager, which answers any ROLLBACK it sees with
+    ``DEALLOCATE ALL`` and would drop the ledger's prepared statements."""
+    pgconn = raw.pgconn
+    pgconn.send_query(sql.encode())
+    results = raw.wait(generators.execute(pgconn))
+    for res in results:
+        if res.status == _FATAL:
+            raise pg_errors.error_from_result(res, encoding="utf-8")
+    return results
+
+
+class PgStore:
+    """Runs batches on PostgreSQL (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._statements: dict[str, str] | None = None
+
+    def _ensure_prepared(self, raw, info: dict) -> None:
+        if info.get("ledger_prepared") == VERSION:
+            return
+        if self._statements is None:
+            res = execute(raw, SEQUENCES_SQL)[0]
+            entries_seq, transfers_seq, conforming = (res.get_value(0, i).decode() for i in range(3))
+            if conforming != "on":
+                raise RuntimeError("the ledger needs standard_conforming_strings = on")
+            self._statements = {name: sql.replace("{entries_seq}", entries_seq).replace("{transfers_seq}", transfers_seq)
+                                for name, sql in STATEMENTS.items()}
+        names = ", ".join(f"'{n}'" for n in self._statements)
+        res = execute(raw, f"SELECT name FROM pg_prepared_statements WHERE name IN ({names})")[0]
+        present = {res.get_value(i, 0).decode() for i in range(res.ntuples)}
+        for name, sql in self._statements.items():
+            if name not in present:
+                execute(raw, sql)
+        info["ledger_prepared"] = VERSION
+
+    def run(self, engine: Engine, work: Callable, retries_max: int, *, with_sa: bool):
+        """Call ``work(raw, sa_conn, store)`` with a checked-out connection in autocommit mode
+        (the statements carry BEGIN / COMMIT themselves); retry retryable errors with the same
+        inputs, at most ``retries_max`` attempts. ``with_sa`` gives ``work`` an SQLAlchemy
+        Connection on the same database session (for hooks), else None."""
+        attempt = 0
+        while True:
+            try:
+                if with_sa:
+                    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                        raw = conn.connection.driver_connection
+                        return self._in_session(raw, conn.connection.info, work, conn)
+                fairy = engine.raw_connection()
+                try:
+                    raw = fairy.driver_connection
+                    raw.autocommit = True
+                    try:
+                        return self._in_session(raw, fairy.info, work, None)
+                    finally:
+                        if not raw.closed and raw.pgconn.transaction_status == _IDLE:
+                            raw.autocommit = False
+                        else:
+                            fairy.invalidate()
+                finally:
+                    fairy.close()
+            except Exception as exc:
+                attempt += 1
+                if isinstance(exc, _Missing) and attempt < retries_max:
+                    continue
+                if attempt >= retries_max or not (is_retryable(exc) or is_unique_violation(exc)):
+                    raise
+                time.sleep(min(0.002 * (2 ** attempt), RETRY_SLEEP_S_MAX))
+
+    def _in_session(self, raw, info: dict, work: Callable, sa_conn):
+        self._ensure_prepared(raw, info)
+        try:
+            return work(raw, sa_conn)
+        except Exception as exc:
+            if not raw.closed and raw.pgconn.transaction_status != _IDLE:
+                try:
+                    execute(raw, "ROLLBACK")
+                except Exception:
+                    pass
+            sqlstate = getattr(exc, "sqlstate", None)
+            if sqlstate == "26000":  # prepared statement vanished (DISCARD ALL): prepare again
+                info.pop("ledger_prepared", None)
+                raise _Missing() from exc
+            if GUARD in str(exc):
+                raise StaleReadError(str(exc)) from exc
+            raise
+
+    # -------------------------------------------------------------- statement 1
+    def begin_and_load(self, raw, now_us: int, names: Sequence[str], ids: Sequence[int],
+                       pending_keys: Sequence[str], entry_keys: Sequence[str], transfer_keys: Sequence[str],
+                       reverse_keys: Sequence[str], n_entries: int, n_transfers: int) -> Snapshot:
+        """``BEGIN`` and statement 1: lock and read everything the batch can touch and draw ids
+        for up to ``n_entries`` entries and ``n_transfers`` transfers (plus expiries)."""
+        full = bool(pending_keys or reverse_keys)
+        tkeys = list(transfer_keys)
+        if full:
+            tkeys += pending_keys
+        args = (f"{text_array(names)}, {_ints(ids)}, {now_us}, {text_array(entry_keys)}, {text_array(tkeys)}, "
+                f"{n_entries}, {n_transfers}")
+        if full:
+            args += f", {text_array(pending_keys)}, {text_array(reverse_keys)}"
+        res = execute(raw, f"{_BEGIN}EXECUTE {READ_FULL if full else READ_SIMPLE}({args})")[-1]
+        j_accounts, j_entries, j_transfers, j_expired = (
+            None if (v := res.get_value(0, i)) is None else _loads(v) for i in range(4))
+        accounts: dict[str, Account] = {}
+        by_id: dict[int, Account] = {}
+        for r in j_accounts or ():
+            a = Account(*r)
+            accounts[a.name] = a
+            by_id[a.id] = a
+        entries = {}
+        for key, eid, h, ts, tids in j_entries or ():
+            entries[key] = StoredEntry(eid, h, ts, tuple(tids))
+        holds: dict[str, Hold] = {}
+        transfer_key_entries: dict[str, int] = {}
+        if j_transfers:
+            pset = set(pending_keys)
+            for key, tid, entry_id, d, c, amount, flags, state, expires in j_transfers:
+                transfer_key_entries[key] = entry_id
+                if key in pset:
+                    is_pending = flags == F_PENDING and state is not None
+                    if is_pending and (d not in by_id or c not in by_id):  # cannot happen: one snapshot
+                        raise StaleReadError(f"pending transfer {key!r} is on accounts that are not locked")
+                    holds[key] = Hold(key, tid, d, c, amount, is_pending, state or 0, expires)
+        expired = []
+        for tid, key, d, c, amount, expires in j_expired or ():
+            if d in by_id and c in by_id:
+                hold = holds.get(key)
+                if hold is None or hold.id != tid:
+                    hold = Hold(key, tid, d, c, amount, True, S_PENDING, expires)
+                expired.append(hold)
+        targets: dict[str, ReversalTarget] = {}
+        if full:
+            for key, eid, is_rev, is_reversed, d, c, amount, flags in _loads(res.get_value(0, 6) or b"[]"):
+                tgt = targets.get(key)
+                if tgt is None:
+                    tgt = targets[key] = ReversalTarget(eid, is_rev, is_reversed, [])
+                if flags is not None and (flags == F_NONE or flags == F_POST):
+                    tgt.legs.append((d, c, amount))
+        snap = Snapshot(now_us, accounts, by_id, holds, entries, transfer_key_entries, targets, expired)
+        snap.entry_ids = _id_list(res.get_value(0, 4))
+        snap.transfer_ids = _id_list(res.get_value(0, 5))
+        return snap
+
+    # -------------------------------------------------------------- statement 2
+    def persist(self, raw, plan: Plan, snap: Snapshot, *, commit: bool) -> tuple[list[int], list[int]]:
+        """Statement 2 (with ``COMMIT`` when ``commit``); returns entry and transfer ids in plan
+        order. A failed guard raises :class:`StaleReadError` (via :meth:`run`)."""
+        es, ts, holds, ups, revs = plan.entries, plan.transfers, plan.new_holds, plan.hold_updates, plan.reversals
+        eids, tids = snap.entry_ids, snap.transfer_ids
+        assert len(eids) >= len(es) and len(tids) >= len(ts), "ids drawn for fewer rows than planned"
+        deltas = plan.deltas
+        dv = deltas.values()
+        args = [
+            str(plan.now_us), str(len(deltas)),
+            _ints(eids[:len(es)]), text_array([e[0] for e in es]), text_array([e[1] for e in es]),
+            text_array([e[2] for e in es]), text_array([e[5] for e in es]),
+            _ints(tids[:len(ts)]), text_array([t[1] for t in ts]), _ints([eids[t[0]] for t in ts]),
+            _ints([t[2] for t in ts]), _ints([t[3] for t in ts]), _ints([t[4] for t in ts]),
+            _ints([t[5] for t in ts]), _ints([t[8] for t in ts]), _ints([t[9] for t in ts]),
+            _ints(deltas.keys()), _ints([d[0] for d in dv]), _ints([d[1] for d in dv]),
+            _ints([d[2] for d in dv]), _ints([d[3] for d in dv]),
+        ]
+        full = bool(holds or ups or revs)
+        if full:
+            args += [
+                str(len(ups)),
+                int_array([e[3] if e[4] is None else eids[e[4]] for e in es]),
+                int_array([t[6] if t[7] is None else tids[t[7]] for t in ts]),
+                _ints([tids[h.transfer_ord] for h in holds]), _ints([h.debit_id for h in holds]),
+                _ints([h.credit_id for h in holds]), _ints([h.amount for h in holds]),
+                _ints([h.state for h in holds]), int_array([h.expires_ts for h in holds]),
+                int_array([None if h.resolved_ord is None else tids[h.resolved_ord] for h in holds]),
+                _ints([u[0] for u in ups]), _ints([u[1] for u in ups]), _ints([tids[u[2]] for u in ups]),
+                _ints([r[0] if r[1] is None else eids[r[1]] for r in revs]), _ints([eids[r[2]] for r in revs]),
+            ]
+        execute(raw, f"EXECUTE {WRITE_FULL if full else WRITE_SIMPLE}({', '.join(args)})"
+                     f"{'; COMMIT' if commit else ''}")
+        return eids[:len(es)], tids[:len(ts)]
+
+
+class _Missing(Exception):
+    """A prepared statement was missing on the connection; prepare again and retry."""
+
+
+def seal_watermark(conn: Connection) -> int:
+    """The highest transfer id below which every transaction that could insert transfers has
+    finished: taken under a brief SHARE lock on ``ledger_transfers`` (waits for in-flight
+    writers — ids are drawn inside their INSERT, under ROW EXCLUSIVE — and blocks new ones
+    until this transaction ends)."""
+    from sqlalchemy import text
+
+    conn.execute(text("SET LOCAL lock_timeout = '10s'"))
+    conn.execute(text("LOCK TABLE ledger_transfers IN SHARE MODE"))
+    return int(conn.execute(text("SELECT coalesce(max(id), 0) FROM ledger_transfers")).scalar_one())

@@ -1,0 +1,115 @@
+"""The group committer: one transaction for many callers, one bad entry fails alone, errors
+reach only their caller, close() drains the queue, asyncio use, background maintenance."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from ledger.groupcommit import CommitterClosedError, GroupCommitter
+from ledger.model import EntryResult, TransferFlags, TransferResult
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_ledger_support import World, module_engine  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture
+def w(module_engine):
+    world = World(module_engine)
+    world.standard()
+    return world
+
+
+def _together(n: int, work) -> list:
+    barrier = threading.Barrier(n)
+    out: list = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = work(i)
+        except BaseException as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_callers_share_one_transaction_and_a_bad_entry_fails_alone(w):
+    w.fund("wallet", 100)
+    # a long gathering window so that the six callers land in one batch
+    with GroupCommitter(w.ledger, wait_ms_max=2000, linger_ms=500, committers=1) as gc:
+        entries = [w.entry(w.t("bank", "merchant", 10)) for _ in range(5)] + [w.entry(w.t("wallet", "merchant", 500))]
+        outs = _together(6, lambda i: gc.submit(entries[i]))
+        assert gc.batches == 1 and gc.entries == 6
+    assert [o.ok for o in outs] == [True] * 5 + [False]
+    assert outs[5].transfer_result is TransferResult.EXCEEDS_CREDITS
+    assert len({o.timestamp_us for o in outs[:5]}) == 1  # the same transaction
+    assert w.balance("merchant").credits_posted == 50
+
+
+def test_a_hook_error_reaches_only_its_caller(w):
+    def bad(conn, outcome):
+        raise RuntimeError("boom")
+
+    with GroupCommitter(w.ledger, wait_ms_max=2000, linger_ms=500, committers=1) as gc:
+        entries = [w.entry(w.t("bank", "merchant", 1)) for _ in range(4)]
+        outs = _together(4, lambda i: gc.submit(entries[i], hook=bad if i == 2 else None))
+    assert isinstance(outs[2], RuntimeError)
+    assert all(o.ok for i, o in enumerate(outs) if i != 2)
+    assert w.ledger.entry(entries[2].key) is None
+    assert w.balance("merchant").credits_posted == 3
+
+
+def test_invalid_entries_are_answered_without_the_database(w):
+    with GroupCommitter(w.ledger) as gc:
+        assert gc.submit(w.entry(key="")).result is EntryResult.KEY_MUST_NOT_BE_EMPTY
+        assert gc.batches == 0
+
+
+def test_close_drains_the_queue_and_refuses_new_entries(w):
+    gc = GroupCommitter(w.ledger, wait_ms_max=50, linger_ms=50)
+    outs = _together(8, lambda i: gc.submit(w.entry(w.t("bank", "merchant", 1))))
+    gc.close()
+    assert all(o.ok for o in outs)
+    with pytest.raises(CommitterClosedError):
+        gc.submit(w.entry(w.t("bank", "merchant", 1)))
+    assert w.balance("merchant").credits_posted == 8
+
+
+def test_usable_from_asyncio(w):
+    async def main():
+        with GroupCommitter(w.ledger) as gc:
+            direct = await asyncio.gather(*[gc.submit_async(w.entry(w.t("bank", "merchant", 1))) for _ in range(20)])
+            via_thread = await anyio.to_thread.run_sync(gc.submit, w.entry(w.t("bank", "merchant", 1)))
+            return direct, via_thread
+
+    direct, via_thread = asyncio.run(main())
+    assert all(o.ok for o in direct) and via_thread.ok
+    assert w.balance("merchant").credits_posted == 21
+
+
+def test_background_sweeper_and_sealer(w):
+    w.fund("wallet", 100)
+    hold = w.key("h")
+    assert w.submit(w.t("wallet", "merchant", 60, key=hold, flags=TransferFlags.PENDING, timeout_s=1)).ok
+    w.clock.advance_s(2)
+    with GroupCommitter(w.ledger, expire_interval_s=0.02, seal_interval_s=0.02):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(ln.flags & TransferFlags.EXPIRED for ln in w.ledger.statement(w.n("wallet"))):
+                break
+            time.sleep(0.02)
+    assert any(ln.flags & TransferFlags.EXPIRED for ln in w.ledger.statement(w.n("wallet")))
+    assert w.ledger.seal() == 0 or w.ledger.verify() == []
+    assert w.ledger.verify() == []
