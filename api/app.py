@@ -24,6 +24,7 @@ Routes (NHSA transaction codes in brackets):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.bootstrap import Container
 from api.errors import PROBLEM_MEDIA_TYPE, from_domain, plain_problem_response, problem, problem_body
@@ -42,12 +44,22 @@ from terminals.nonce import NonceStoreError
 from terminals.signing import SignatureError, sign_response, verify_request
 
 
+log = logging.getLogger("citizencard.api")
+
+
 def create_app(container: Container) -> FastAPI:
     """The FastAPI application over a bootstrapped :class:`Container`."""
     app = FastAPI(title="Citizen-card payment and medical settlement engine", version="0.1.0",
                   docs_url="/docs", redoc_url=None)
     app.state.container = container
     keys = container.keys
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_problem(request: Request, exc: StarletteHTTPException) -> Response:
+        """Unknown routes and methods as RFC 9457 problems (unsigned: nobody was authenticated)."""
+        code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return plain_problem_response(problem(exc.status_code, code, str(exc.detail), str(exc.detail),
+                                              instance=request.url.path))
 
     def signed_response(request: Request, status: int, body: bytes, media_type: str) -> Response:
         headers = {"content-type": media_type}
@@ -58,22 +70,36 @@ def create_app(container: Container) -> FastAPI:
         return Response(body, status_code=status, headers=headers)
 
     def _url(request: Request) -> str:
-        origin = container.settings.public_origin
-        if origin:
-            query = ("?" + request.url.query) if request.url.query else ""
-            return origin.rstrip("/") + request.url.path + query
-        return str(request.url)
+        """The URL as the terminal signed it: scheme, authority and the raw (still
+        percent-encoded) path and query; behind a proxy, the configured public origin."""
+        path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        origin = container.settings.public_origin.rstrip("/") or (
+            f"{request.url.scheme}://{request.headers.get('host') or request.url.netloc}")
+        return origin + path + (("?" + query) if query else "")
+
+    def too_large() -> Response:
+        return plain_problem_response(problem(413, "body_too_large", "Request too large",
+                                              f"the body is over {BODY_BYTES_MAX} bytes"))
+
+    async def read_body(request: Request) -> bytes | None:
+        """The body, or None as soon as it grows past BODY_BYTES_MAX (never buffered whole)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > BODY_BYTES_MAX):
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > BODY_BYTES_MAX:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def handle(request: Request, work: Callable[[TerminalContext, Any], Any], *,
                      status: int = 200, json_body: bool = True) -> Response:
-        declared = request.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > BODY_BYTES_MAX:
-            return plain_problem_response(problem(413, "body_too_large", "Request too large",
-                                                  f"the body is over {BODY_BYTES_MAX} bytes"))
-        body = await request.body()
-        if len(body) > BODY_BYTES_MAX:
-            return plain_problem_response(problem(413, "body_too_large", "Request too large",
-                                                  f"the body is over {BODY_BYTES_MAX} bytes"))
+        body = await read_body(request)
+        if body is None:
+            return too_large()
         ctx_holder: dict = {}
 
         def resolve(key_id: str):
@@ -83,30 +109,38 @@ def create_app(container: Container) -> FastAPI:
             ctx_holder["ctx"] = hit[1]
             return hit[0]
 
+        def answer(doc: dict) -> Response:
+            return signed_response(request, doc["status"], problem_body(doc), PROBLEM_MEDIA_TYPE)
+
         try:
             await run_in_threadpool(
                 verify_request, request.method, _url(request), request.headers, body,
                 resolve_public_key=resolve, nonce_store=container.nonce_store, now=int(time.time()),
                 max_age_s=SIGNATURE_AGE_S_MAX, max_skew_s=CLOCK_SKEW_S_MAX)
         except SignatureError as exc:
-            doc = problem(401, exc.code, "Unauthenticated", str(exc), instance=request.url.path)
-            return signed_response(request, 401, problem_body(doc), PROBLEM_MEDIA_TYPE)
+            return answer(problem(401, exc.code, "Unauthenticated", str(exc), instance=request.url.path))
         except NonceStoreError as exc:
-            doc = problem(503, "nonce_store_unavailable", "Service unavailable", str(exc))
-            return signed_response(request, 503, problem_body(doc), PROBLEM_MEDIA_TYPE)
+            return answer(problem(503, "nonce_store_unavailable", "Service unavailable", str(exc)))
         payload: Any = None
         if json_body:
             try:
                 payload = json.loads(body or b"null", parse_float=_refuse_float, parse_constant=_refuse_float)
-            except (ValueError, UnicodeDecodeError) as exc:
-                doc = problem(400, "malformed_json", "Malformed JSON", f"the body is not valid JSON: {exc}",
-                              instance=request.url.path)
-                return signed_response(request, 400, problem_body(doc), PROBLEM_MEDIA_TYPE)
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                return answer(problem(400, "malformed_json", "Malformed JSON", f"the body is not valid JSON: {detail}",
+                                      instance=request.url.path))
+            if not isinstance(payload, dict):
+                return answer(problem(422, "body_invalid", "Invalid request", "the body must be a JSON object",
+                                      instance=request.url.path))
         try:
             result = await run_in_threadpool(work, ctx_holder["ctx"], payload)
         except DomainError as exc:
-            doc = from_domain(exc, request)
-            return signed_response(request, exc.status, problem_body(doc), PROBLEM_MEDIA_TYPE)
+            return answer(from_domain(exc, request))
+        except Exception:  # a defect: log it, answer a signed problem; the unit of work rolled back
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            return answer(problem(500, "internal_error", "Internal error",
+                                  "the engine failed to handle this request; nothing was posted for it "
+                                  "unless a retry with the same idempotency key says so", instance=request.url.path))
         code = status
         if isinstance(result, dict) and result.get("replayed"):
             code = 200

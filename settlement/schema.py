@@ -18,7 +18,7 @@ settlements = Table(
     Column("fixmedins_code", String(32), nullable=False),
     Column("mdtrt_id", String(40), nullable=False),
     Column("chrg_bchno", String(40), nullable=False),
-    Column("msgid", String(40), nullable=False, unique=True),
+    Column("msgid", String(40), nullable=False),
     Column("psn_no", String(32), nullable=False),
     Column("terminal_id", String(32), nullable=False),
     Column("insutype", String(3), nullable=False),
@@ -44,11 +44,12 @@ settlements = Table(
 )
 Index("ix_settlements_day", settlements.c.business_date)
 Index("ix_settlements_original", settlements.c.original_setl_id)
+Index("ix_settlements_msgid", settlements.c.fixmedins_code, settlements.c.msgid)
 
 payments = Table(
     "payments", metadata,
     Column("payment_id", String(40), primary_key=True),
-    Column("msgid", String(40), nullable=False, unique=True),
+    Column("msgid", String(40), nullable=False),
     Column("org_code", String(32), nullable=False),
     Column("terminal_id", String(32), nullable=False),
     Column("pan", String(19), nullable=False),
@@ -58,13 +59,14 @@ payments = Table(
     Column("request_hash", String(64), nullable=False),
     Column("entry_key", String(128), nullable=False, unique=True),
     Column("created_ts", BigInteger, nullable=False),
+    UniqueConstraint("org_code", "msgid", name="uq_payments_org_msgid"),
 )
 Index("ix_payments_day", payments.c.business_date)
 
 recharges = Table(
     "recharges", metadata,
     Column("recharge_id", String(40), primary_key=True),
-    Column("msgid", String(40), nullable=False, unique=True),
+    Column("msgid", String(40), nullable=False),
     Column("channel", String(32), nullable=False),
     Column("terminal_id", String(32), nullable=False),
     Column("pan", String(19), nullable=False),
@@ -73,6 +75,7 @@ recharges = Table(
     Column("request_hash", String(64), nullable=False),
     Column("entry_key", String(128), nullable=False, unique=True),
     Column("created_ts", BigInteger, nullable=False),
+    UniqueConstraint("channel", "msgid", name="uq_recharges_channel_msgid"),
 )
 Index("ix_recharges_day", recharges.c.business_date)
 

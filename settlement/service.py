@@ -60,7 +60,7 @@ STATE_KEYS = ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "personal")
 _SAME_VISIT_OR_MSGID = select(settlements).where(or_(
     and_(settlements.c.fixmedins_code == bindparam("b_org"), settlements.c.mdtrt_id == bindparam("b_mdtrt"),
          settlements.c.chrg_bchno == bindparam("b_batch"), settlements.c.kind == "settlement"),
-    settlements.c.msgid == bindparam("b_msgid")))
+    and_(settlements.c.fixmedins_code == bindparam("b_org"), settlements.c.msgid == bindparam("b_msgid"))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,11 @@ class Visit:
     request_hash: str
 
 
+#: Ids the engine derives (a refund's charge batch, its cancellation's message id) contain this
+#: character, which request ids may not, so they never collide with a terminal's own ids.
+RESERVED_CHAR = "~"
+
+
 def text_field(req: dict, name: str, *, chars_max: int = ID_CHARS_MAX, required: bool = True) -> str:
     """A short identifier field from a JSON request; Invalid naming the field otherwise."""
     value = req.get(name)
@@ -97,6 +102,9 @@ def text_field(req: dict, name: str, *, chars_max: int = ID_CHARS_MAX, required:
         raise Invalid("field_invalid", f"{name}: must be a non-empty string", field=name)
     if len(value) > chars_max or not value.isprintable():
         raise Invalid("field_invalid", f"{name}: at most {chars_max} printable characters", field=name)
+    if RESERVED_CHAR in value:
+        raise Invalid("field_invalid", f"{name}: {RESERVED_CHAR!r} is reserved for ids the engine derives",
+                      field=name)
     return value
 
 
@@ -223,6 +231,8 @@ class SettlementService:
                               "(A, B or C)", field=f"lines[{i}].chrgitm_lv")
             line = {k: raw[k] for k in ("feedetl_sn", "hilist_code", "name", "pric", "cnt") if k in raw}
             code = raw.get("hilist_code") or ""
+            if not isinstance(code, str):
+                raise Invalid("line_invalid", f"lines[{i}].hilist_code: must be a string", field=f"lines[{i}].hilist_code")
             if code and code in self.catalogue:
                 item = self.catalogue.get(code)
                 line["chrgitm_lv"] = item.chrgitm_lv
@@ -502,8 +512,8 @@ class SettlementService:
         """NHSA 5203-style query by the terminal's message id: the settlement (or cancellation)
         that message produced. Raises NotFound when that message never settled anything."""
         with self.engine.connect() as conn:
-            row = self._existing(conn, msgid=msgid)
-        if row is None or row.fixmedins_code != ctx.org_code:
+            row = self._existing(conn, fixmedins_code=ctx.org_code, msgid=msgid)
+        if row is None:
             raise NotFound("settlement_not_found", f"no settlement for msgid {msgid}")
         return self._document(row, replayed=True)
 
@@ -569,7 +579,7 @@ class SettlementService:
         with self.engine.connect() as conn:
             rows = conn.execute(select(settlements).where(settlements.c.original_setl_id == orig.setl_id)
                                 .order_by(settlements.c.created_ts)).all()
-            other = self._existing(conn, msgid=msgid)
+            other = self._existing(conn, fixmedins_code=orig.fixmedins_code, msgid=msgid)
         if not rows:
             if other is None:
                 return None
@@ -621,6 +631,9 @@ class SettlementService:
             remaining = partial_refund(orig_lines, units)
         except SplitInputError as exc:
             raise Invalid("returns_invalid", str(exc)) from None
+        if [(x.feedetl_sn, x.cnt) for x in remaining] == [(x.feedetl_sn, x.cnt) for x in orig_lines]:
+            raise Invalid("returns_invalid", "returns: no unit is returned, so there is nothing to refund",
+                          field="returns")
         if not remaining:
             return self.cancel(ctx, setl_id, {"msgid": msgid})
         citizen = self.cards.citizen(orig.psn_no)
@@ -635,7 +648,7 @@ class SettlementService:
         interim = inpatient and not any(leg[1] == names["admissions"] for leg in old_legs)
         key = undo_key(setl_id)
         new_id = derived_id("S", key)
-        visit = Visit(msgid, orig.mdtrt_id, ("R" + new_id)[:ID_CHARS_MAX], orig.psn_no, orig.med_type, interim,
+        visit = Visit(msgid, orig.mdtrt_id, (RESERVED_CHAR + "R" + new_id)[:ID_CHARS_MAX], orig.psn_no, orig.med_type, interim,
                       tuple(remaining), {"method": orig.pay_method}, fingerprint({"refund": setl_id, "returns": units}))
         for _attempt in range(ATTEMPTS_MAX):
             state, net = self._read_state(names)

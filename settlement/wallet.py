@@ -54,9 +54,10 @@ class WalletService:
         self.accounts = accounts
         self.clock_us = clock_us
 
-    def _replay(self, table, msgid: str, request_hash: str) -> dict | None:
+    def _replay(self, table, org_code: str, msgid: str, request_hash: str) -> dict | None:
+        org = table.c.channel if table is recharges else table.c.org_code
         with self.engine.connect() as conn:
-            row = conn.execute(select(table).where(table.c.msgid == msgid)).first()
+            row = conn.execute(select(table).where(org == org_code, table.c.msgid == msgid)).first()
         if row is None:
             return None
         if row.request_hash != request_hash:
@@ -77,7 +78,7 @@ class WalletService:
         pan = text_field(req, "pan", chars_max=19)
         amount = amount_field(req, maximum=RECHARGE_FEN_MAX)
         request_hash = fingerprint({"pan": pan, "amount_fen": amount, "channel": ctx.org_code})
-        replay = self._replay(recharges, msgid, request_hash)
+        replay = self._replay(recharges, ctx.org_code, msgid, request_hash)
         if replay is not None:
             return replay
         card = self.cards.card(pan)
@@ -109,7 +110,7 @@ class WalletService:
         ident = payment.get("pan") if payment["method"] == "card" else payment.get("payload")
         request_hash = fingerprint({"amount_fen": amount, "method": payment["method"], "merchant": ctx.org_code,
                                     "pan": payment.get("pan")})
-        replay = self._replay(payments, msgid, request_hash)
+        replay = self._replay(payments, ctx.org_code, msgid, request_hash)
         if replay is not None:
             return replay
         if not isinstance(ident, str):
@@ -132,7 +133,7 @@ class WalletService:
     def _finish(self, outcome: EntryOutcome, table, msgid: str, request_hash: str, row: dict) -> dict:
         if outcome.ok:
             if outcome.replayed:
-                replay = self._replay(table, msgid, request_hash)
+                replay = self._replay(table, row["channel"] if table is recharges else row["org_code"], msgid, request_hash)
                 if replay is not None:
                     return replay
             doc = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()

@@ -56,7 +56,7 @@ def upgrade() -> None:
     sa.Column('created_ts', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('payment_id'),
     sa.UniqueConstraint('entry_key'),
-    sa.UniqueConstraint('msgid')
+    sa.UniqueConstraint('org_code', 'msgid', name='uq_payments_org_msgid')
     )
     op.create_index('ix_payments_day', 'payments', ['business_date'], unique=False)
     op.create_table('recharges',
@@ -72,7 +72,7 @@ def upgrade() -> None:
     sa.Column('created_ts', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('recharge_id'),
     sa.UniqueConstraint('entry_key'),
-    sa.UniqueConstraint('msgid')
+    sa.UniqueConstraint('channel', 'msgid', name='uq_recharges_channel_msgid')
     )
     op.create_index('ix_recharges_day', 'recharges', ['business_date'], unique=False)
     op.create_table('settlements',
@@ -104,10 +104,10 @@ def upgrade() -> None:
     sa.Column('created_ts', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('setl_id'),
     sa.UniqueConstraint('entry_key'),
-    sa.UniqueConstraint('fixmedins_code', 'mdtrt_id', 'chrg_bchno', 'kind', name='uq_settlement_visit_batch'),
-    sa.UniqueConstraint('msgid')
+    sa.UniqueConstraint('fixmedins_code', 'mdtrt_id', 'chrg_bchno', 'kind', name='uq_settlement_visit_batch')
     )
     op.create_index('ix_settlements_day', 'settlements', ['business_date'], unique=False)
+    op.create_index('ix_settlements_msgid', 'settlements', ['fixmedins_code', 'msgid'], unique=False)
     op.create_index('ix_settlements_original', 'settlements', ['original_setl_id'], unique=False)
     op.create_table('cards',
     sa.Column('pan', sa.String(length=19), nullable=False),
@@ -150,6 +150,7 @@ def downgrade() -> None:
     op.drop_index('ix_cards_psn', table_name='cards')
     op.drop_table('cards')
     op.drop_index('ix_settlements_original', table_name='settlements')
+    op.drop_index('ix_settlements_msgid', table_name='settlements')
     op.drop_index('ix_settlements_day', table_name='settlements')
     op.drop_table('settlements')
     op.drop_index('ix_recharges_day', table_name='recharges')
