@@ -51,6 +51,14 @@ def _settings(db: str | None, **extra):
     return Settings.from_env(db_url=db, **extra)
 
 
+def _existing_db(db: str | None) -> str:
+    """The database URL of a command that only reads: a SQLite file must already exist."""
+    url = _settings(db).db_url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        fail(f"no database at {url[len('sqlite:///'):]} (run `citizencard day` first, or give --db)")
+    return url
+
+
 @app.command()
 def day(visits: Annotated[int, typer.Option(min=1, max=100_000, help="Clinic visits to settle.")] = 300,
         cards: Annotated[int, typer.Option(min=1, max=100_000, help="Citizens with cards.")] = 120,
@@ -171,7 +179,7 @@ def serve(db: DbOption = None,
     except DomainError as exc:
         fail(f"{exc.code}: {exc.detail}")
     try:
-        uvicorn.run(create_app(container), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(container), host=host, port=port, log_level="info", timeout_keep_alive=30)
     finally:
         container.close()
 
@@ -202,7 +210,8 @@ def split(file: Annotated[Path, typer.Argument(help="Settlement vector JSON (pol
 
 
 def _no_float(text: str):
-    raise ValueError(f"number {text} must be a decimal string (\"{text}\") or an integer of fen")
+    raise ValueError(f"number {text} must be written as a decimal string (\"{text}\"): prices and ratios "
+                     "are decimal strings, amounts of fen are integers")
 
 
 @ledger_app.command("verify")
@@ -212,7 +221,7 @@ def ledger_verify(db: DbOption = None) -> None:
     from ledger.store import Ledger
 
     settings = _settings(db)
-    engine = make_engine(settings.db_url)
+    engine = make_engine(_existing_db(db))
     try:
         ledger = Ledger(engine)
         problems = ledger.verify()
@@ -261,7 +270,7 @@ def nhsa_export(date_from: Annotated[str, typer.Option("--from", help="First bus
         fail(f"--from/--to: {exc}")
     if last < first:
         fail("--to is before --from")
-    engine = make_engine(_settings(db).db_url)
+    engine = make_engine(_existing_db(db))
     try:
         doc = export_period(engine, first, last, fixmedins_code=clinic)
     except Exception as exc:  # an unreachable or empty database: one line, not a traceback
@@ -295,8 +304,19 @@ def db_upgrade(db: DbOption = None) -> None:
 
 
 def main() -> None:
-    """Entry point of the ``citizencard`` script."""
-    app()
+    """Entry point of the ``citizencard`` script. An unexpected error (an unreachable database,
+    an unwritable folder) is one line on stderr and exit status 1; set ``CITIZENCARD_DEBUG=1``
+    for the traceback."""
+    import os
+
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get("CITIZENCARD_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {first}", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

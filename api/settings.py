@@ -80,12 +80,15 @@ class Settings:
 
     def resolved_keys_file(self) -> Path:
         """Where the keys live: the setting, or ``<sqlite file>.keys.json``."""
+        if not self.db_url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise Invalid("db_url_invalid", f"{self.db_url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
         if self.keys_file:
             return Path(self.keys_file)
         if self.db_url.startswith("sqlite:///"):
             return Path(self.db_url[len("sqlite:///"):] + ".keys.json")
-        raise Invalid("keys_file_required", "set CITIZENCARD_KEYS (issuer master key and engine key) "
-                      "for a PostgreSQL deployment")
+        raise Invalid("keys_file_required", "with PostgreSQL, say where the keys live: set CITIZENCARD_KEYS "
+                      "to a file path (it holds the issuer master key and the engine key; `citizencard day` or "
+                      "`citizencard city` creates it if it does not exist)")
 
     def load_keys(self) -> Keys:
         """Read the keys file (creating it when ``create_keys``). Raises Invalid when missing

@@ -52,6 +52,10 @@ CLINICS = [("H33030200001", "温州市第一人民医院 (sim)", 3), ("H33030200
 MERCHANTS = [("M00000000001", "温州公交 (sim)"), ("M00000000002", "菜篮子市场 (sim)")]
 CHANNELS = [("CH0000000001", "银行柜面 (sim)"), ("CH0000000002", "市民卡 App (sim)")]
 WORKERS = 8
+#: The server keeps idle connections longer than clients reuse them (terminals.client), so a
+#: client never sends on a connection the server is closing.
+KEEP_ALIVE_S = 30
+TERMINAL_PREFIX = {"clinic": "C", "merchant": "M", "channel": "R"}
 FUND_SEED_FEN = 50_000_000_00  # 50 million yuan in each pooled fund for the day
 
 
@@ -107,7 +111,8 @@ def serve_in_thread(app, port: int):
     """Run ``app`` under uvicorn on 127.0.0.1:``port`` in a thread; stop it on exit."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="engine-http", daemon=True)
     thread.start()
@@ -144,7 +149,9 @@ class Day:
         self.stats_lock = threading.Lock()
         self.terminals: dict[str, Terminal] = {}
         self.citizens: list[Citizen] = []
-        self.state_file = Path(str(container.settings.resolved_keys_file()).replace(".keys.json", ".cards.json"))
+        keys = container.settings.resolved_keys_file()
+        self.state_file = keys.parent / (keys.name + ".sim-cards.json")  # never the keys file itself
+        self.state_lock = threading.Lock()
 
     def count(self, name: str, n: int = 1) -> None:
         with self.stats_lock:
@@ -164,7 +171,7 @@ class Day:
                                 + [(x[0], "channel", 1) for x in CHANNELS]):
             for _ in range(per):
                 n += 1
-                tid = f"T{kind[0].upper()}{n:06d}"
+                tid = f"T{TERMINAL_PREFIX[kind]}{n:06d}"
                 key = derived_key(self.seed, tid)
                 c.registry.enrol(terminal_id=tid, org_code=code, public_key=key.public_key())
                 self.terminals[tid] = Terminal(tid, code, kind, key)
@@ -229,14 +236,17 @@ class Day:
                                          "pan": z.card.pan, "amount_fen": amount_fen})
 
     def save_cards(self) -> None:
-        """Persist the simulated cards' ATCs (a real card keeps them in its EEPROM)."""
-        state = {}
-        for z in self.citizens:
-            state[z.card.pan] = z.card.atc
-            if z.app:
-                state[z.app.pan] = z.app.atc
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(state, sort_keys=True))
+        """Persist the simulated cards' ATCs (a real card keeps them in its EEPROM); atomic."""
+        with self.state_lock:
+            state = {}
+            for z in self.citizens:
+                state[z.card.pan] = z.card.atc
+                if z.app:
+                    state[z.app.pan] = z.app.atc
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+            tmp.write_text(json.dumps(state, sort_keys=True))
+            tmp.replace(self.state_file)
 
     # ------------------------------------------------------------------ the day (HTTP)
     def client(self, base_url: str, t: Terminal) -> TerminalClient:
@@ -384,10 +394,15 @@ class Day:
                   acct_pay=ri["acct_pay"], psn_cash_pay=ri["psn_cash_pay"], wallet_pay=r["payment"]["wallet_pay_fen"])
 
     def _payment(self, z: Citizen, method: str, amount_fen: int, terminal_id: str, day: dt.date) -> dict:
+        """A card or QR authorisation; the card's counter is saved at once, as a card keeps it
+        in its own memory, so a crash never makes a card reuse a counter."""
         if method == "qr" and z.app:
-            return {"method": "qr", "payload": z.app.make_qr(int(time.time()), random.SystemRandom())}
+            payload = z.app.make_qr(int(time.time()), random.SystemRandom())
+            self.save_cards()
+            return {"method": "qr", "payload": payload}
         un = random.SystemRandom().getrandbits(32).to_bytes(4, "big")
         data, arqc = z.card.generate_ac(amount_fen, terminal_id, day, un)
+        self.save_cards()
         return {"method": "card", "pan": z.card.pan, "pan_seq": z.card.psn, "atc": data.atc, "arqc": arqc.hex(),
                 "un": un.hex(), "txn_date": day.isoformat(), "amount_fen": amount_fen}
 

@@ -22,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from terminals.signing import SignatureError, TerminalSigner, verify_response
 
 RETRIES_MAX = 3
+#: Idle connections are dropped well before a server's keep-alive timeout (uvicorn: 5 s by
+#: default), so a request is never sent on a connection the server is closing.
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 class EngineError(Exception):
@@ -47,7 +50,8 @@ class TerminalClient:
         self.terminal_id = terminal_id
         self.engine_public_key = engine_public_key
         self.http = httpx.Client(base_url=base_url, auth=TerminalSigner(terminal_id, private_key),
-                                 timeout=timeout_s, transport=transport)
+                                 timeout=timeout_s, transport=transport,
+                                 limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S))
 
     def close(self) -> None:
         """Close the connection pool."""
