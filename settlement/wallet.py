@@ -14,6 +14,7 @@ written in the same database transaction as the ledger entry.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from sqlalchemy import Engine, insert, select
@@ -27,6 +28,7 @@ from settlement.days import BusinessDays
 from settlement.schema import payments, recharges
 from settlement.service import AccountCache, TerminalContext, derived_id, fingerprint, text_field
 
+DUPLICATE_WAIT_S = 2.0
 RECHARGE_FEN_MAX = 5_000_00  # 5000 yuan per recharge: a stored-value card limit
 
 
@@ -115,8 +117,20 @@ class WalletService:
             return replay
         if not isinstance(ident, str):
             raise Invalid("field_invalid", "payment: card data missing", field="payment")
-        auth = self.cards.authorise(payment, amount_fen=amount, terminal_id=ctx.terminal_id,
-                                    today=self.days.current())
+        try:
+            auth = self.cards.authorise(payment, amount_fen=amount, terminal_id=ctx.terminal_id,
+                                        today=self.days.current())
+        except Rejected as exc:
+            # The counter or code was just used: by a copy of this very request still in flight
+            # (the terminal resent it)? Then wait for it and answer with its result.
+            if exc.code in ("atc_replayed", "qr_code_already_used"):
+                deadline = time.monotonic() + DUPLICATE_WAIT_S
+                while time.monotonic() < deadline:
+                    replay = self._replay(payments, ctx.org_code, msgid, request_hash)
+                    if replay is not None:
+                        return replay
+                    time.sleep(0.02)
+            raise
         key = f"pay:{ctx.org_code}:{msgid}"
         payable = chart.merchant_payable(ctx.org_code)
         self.accounts.ensure([payable, chart.wallet_account(auth.pan)])

@@ -329,3 +329,76 @@ def test_a_settlement_born_of_a_refund_can_be_cancelled_and_a_cancel_cannot_foll
     for name, (d, cr, _dp, _cp) in after.items():
         old = snap.get(name, (0, 0, 0, 0))
         assert cr - d == old[1] - old[0], name  # everything is back where it was
+
+
+# ---------------------------------------------------------------- found by the new-user review
+@pytest.mark.parametrize("body", [b"null", b"[]", b'"x"', b"5", b"true", b"[" * 50_000 + b"]" * 50_000])
+def test_a_body_that_is_not_a_json_object_is_a_problem_never_a_500(eng, body):
+    snap = ledger_snapshot(eng)
+    for path in ("/v1/payments", "/v1/recharges", "/v1/settlements"):
+        resp = raw_post(eng, path, body)
+        assert resp.status_code in (400, 422), (path, resp.status_code, resp.text[:200])
+        assert resp.headers["content-type"].startswith("application/problem+json")
+    assert ledger_snapshot(eng) == snap
+
+
+def test_a_hilist_code_that_is_not_a_string_is_a_problem(eng):
+    v = visit(eng, 95)
+    v["lines"][0]["hilist_code"] = {"x": 1}
+    resp = raw_post(eng, "/v1/settlements", json.dumps(v).encode())
+    assert resp.status_code == 422 and resp.json()["field"] == "lines[0].hilist_code"
+
+
+def test_percent_encoded_paths_get_signed_answers(eng):
+    with pytest.raises(EngineError) as exc:
+        eng.clinic.call("POST", "/v1/settlements/a%20b/cancel", {"msgid": "TC000001X1"})
+    assert exc.value.status == 404
+
+
+def test_unknown_routes_are_problem_documents(eng):
+    resp = httpx.get(eng.base_url + "/v1/nowhere")
+    assert resp.status_code == 404 and resp.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_refund_of_no_unit_is_refused_and_leaves_the_settlement_cancellable(eng):
+    doc = eng.clinic.settle(visit(eng, 96))
+    with pytest.raises(EngineError) as exc:
+        eng.clinic.refund(doc["setl_id"], "TC000001REFUND0096", [{"feedetl_sn": "1", "cnt": "0"}])
+    assert exc.value.status == 422
+    assert eng.clinic.cancel(doc["setl_id"], "TC000001CANCEL0096")["kind"] == "cancellation"
+
+
+def test_one_msgid_for_two_different_requests_at_once_is_never_a_500(eng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng.channel.recharge("TH000001R0097", eng.card.pan, 10_000)
+    visits = [visit(eng, 97 + i, msgid="TC000001SAMEMSGID") for i in range(2)]
+
+    def attempt(v):
+        try:
+            return eng.clinic.settle(v)["setl_id"]
+        except EngineError as exc:
+            return exc.status
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(attempt, visits))
+    assert all(r != 500 for r in results), results
+    assert eng.container.ledger.trial_balance().balanced
+
+
+def test_identical_merchant_payments_at_once_take_the_money_once_and_all_see_it(eng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng.channel.recharge("TH000001R0098", eng.card.pan, 10_000)
+    payment = eng.card_payment(700, "TM000001")
+
+    def attempt(_):
+        try:
+            return eng.merchant.pay("TM000001P0098", 700, payment)["payment_id"]
+        except EngineError as exc:
+            return exc.code
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(attempt, range(6)))
+    assert len(set(results)) == 1 and str(results[0]).startswith("P"), results
+    assert eng.balance(chart.wallet_account(eng.card.pan)) == 10_000 - 700
