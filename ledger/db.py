@@ -24,8 +24,10 @@ from sqlalchemy.exc import DBAPIError
 
 T = TypeVar("T")
 
-#: PostgreSQL SQLSTATEs worth retrying with the same ids: serialization_failure, deadlock_detected.
-RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+#: PostgreSQL SQLSTATEs worth retrying with the same ids: serialization_failure, deadlock_detected,
+#: and the connection lost (admin_shutdown, crash_shutdown, cannot_connect_now; class 08): the
+#: retry runs on a new connection, and replays if the lost transaction had committed after all.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
 UNIQUE_VIOLATION = "23505"
 RETRIES_MAX = 8
 RETRY_SLEEP_S_MAX = 0.2
@@ -117,7 +119,8 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     orig = _driver_error(exc)
-    if getattr(orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+    sqlstate = getattr(orig, "sqlstate", None) or ""
+    if sqlstate in RETRYABLE_SQLSTATES or sqlstate.startswith("08"):
         return True
     if isinstance(orig, sqlite3.OperationalError) and "database is locked" in str(orig):
         return True

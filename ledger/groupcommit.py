@@ -3,18 +3,32 @@
 Each caller blocks in :meth:`GroupCommitter.submit` (thread-safe) while a committer thread
 gathers the queued entries into a batch — up to ``batch_entries_max`` entries, waiting at most
 ``wait_ms_max`` after the first arrival and no longer than ``linger_ms`` without a new arrival —
-and applies it with :meth:`ledger.store.Ledger.submit_prepared`: one transaction, every touched
-account locked once, each entry validated against the locked balances as left by the entries
-before it (so one bad entry fails alone), one balance update per account per batch, and one
-commit (one WAL flush) for all of them. A hot account therefore costs one row update per batch
-instead of one per transfer.
+and applies it in one transaction: every account it touches locked once (ascending id order,
+one statement), each entry validated against the balances left by the entries before it (so
+one bad entry fails alone), one balance update per account, one commit (one WAL flush) for all.
+A hot account costs one row update per batch instead of one per transfer.
 
-Results are those of submitting the entries one after another in some order (batches are
-serializable: each locks its accounts before it reads them; an entry submitted after another
-one's outcome was returned is applied after it). With ``committers`` > 1 (default 2) one
-committer gathers and plans the next batch while the previous one is in the database; two
-batches that share an account simply queue on its row lock. The stateless checks and the
-content hash run in the caller's thread before queueing.
+Pipelining (PostgreSQL, ``pipelined=True``, the default). Batches are numbered as they are
+gathered; with two committers (``committers=2``) batch N+1 is read and decided while batch N is
+still being written, TigerBeetle-fashion:
+
+* the read takes no lock (:meth:`ledger.store.Ledger.speculate`); balances of accounts that
+  batches in flight will change are taken from an in-process overlay of their planned balances;
+  batches are decided strictly in number order, so each sees the ones before it;
+* batches are written strictly in number order, each in one message that locks every account
+  it read (once, ascending id order, one statement), checks their balances are the ones it was
+  decided on, writes and commits (:meth:`ledger.store.Ledger.commit_speculation`);
+* if anything moved underneath — another process or a direct :meth:`Ledger.submit` changed a
+  balance, a pending transfer was resolved, a duplicate key committed first — nothing is
+  written, the overlay is forgotten and that batch is applied again on the locking path
+  (:meth:`ledger.store.Ledger.submit_prepared`); later batches decided on it fail their check
+  the same way. Hooks run in the batch's transaction after its write, before COMMIT (and on
+  the locking path again if one raises). Every batch on SQLite (one writer) takes the locking
+  path directly.
+
+Results are therefore those of applying the batches one after another in number order, each
+entry after the ones before it: an entry submitted after another one's outcome was returned is
+applied after it. The stateless checks and the content hash run in the caller's thread.
 
 If a batch fails with an error that is not a business outcome (a hook raised, the database is
 unreachable after the retries), its entries are re-run one by one so that the error reaches
@@ -43,6 +57,7 @@ from ledger.store import BATCH_ENTRIES_MAX, EntryHook, Ledger
 log = logging.getLogger(__name__)
 
 _allocate_lock = threading.Lock
+OVERLAY_ACCOUNTS_MAX = 200_000  #: planned balances kept for batches in flight (then forgotten)
 
 
 class CommitterClosedError(RuntimeError):
@@ -71,15 +86,19 @@ class _Request:
 
 
 class GroupCommitter:
-    """Gathers concurrent :meth:`submit` calls into batches applied by one committer thread.
+    """Gathers concurrent :meth:`submit` calls into batches applied by ``committers`` threads.
 
     ``batch_entries_max`` (≤ ``BATCH_ENTRIES_MAX``) bounds a batch; ``wait_ms_max`` bounds how
     long a batch waits to fill after its first entry arrives, ``linger_ms`` how long it waits
-    for one more entry; ``queue_entries_max`` bounds the queue (submitters block beyond it).
+    for one more entry; ``queue_entries_max`` bounds the queue (submitters block beyond it);
+    ``pipelined`` decides batches on top of the ones still being written (see the module);
+    ``expire_interval_s`` / ``seal_interval_s`` run the sweeper and the sealer in the background.
+    Counters for benchmarks and tests: ``batches``, ``entries``, ``speculated``, ``fallbacks``.
     """
 
     def __init__(self, ledger: Ledger, *, batch_entries_max: int = 1024, wait_ms_max: float = 3.0,
                  linger_ms: float = 0.3, queue_entries_max: int = 65536, committers: int = 2,
+                 pipelined: bool = True,
                  expire_interval_s: float | None = None, seal_interval_s: float | None = None) -> None:
         assert 1 <= batch_entries_max <= BATCH_ENTRIES_MAX and 1 <= committers <= 8
         assert 0 <= linger_ms <= wait_ms_max and queue_entries_max >= batch_entries_max
@@ -94,6 +113,16 @@ class GroupCommitter:
         self._space = threading.Condition(lock)  # submitters wait for room in the queue
         self._idle = True         #: no committer is gathering: the next arrival must wake one
         self._gathering = False   #: one committer at a time gathers a batch
+        self._seq = 0             #: batches are numbered as they are gathered
+        self._turns = threading.Condition()
+        self._planned = [0]       #: next batch allowed to plan
+        self._written = [0]       #: next batch allowed to write
+        self._overlay: dict[int, tuple] = {}  #: account id -> balances planned by batches in flight
+        self._overlay_lock = threading.Lock()
+        #: plan each batch on top of the ones still being written (PostgreSQL): see the module
+        self.pipelined = pipelined and not getattr(ledger, "_sqlite", True)
+        self.speculated = 0       #: batches written as planned without locks
+        self.fallbacks = 0        #: batches whose speculation failed and were applied with locks
         self._closed = False
         self.batches = 0          #: batches committed (for benchmarks and tests)
         self.entries = 0          #: entries submitted through batches
@@ -202,12 +231,74 @@ class GroupCommitter:
                             break
                 n = min(len(queue), batch_max)
                 batch = [queue.popleft() for _ in range(n)]
+                seq = self._seq
+                self._seq += 1
                 self._gathering = False
                 cond.notify()            # another committer may gather the next batch meanwhile
                 self._space.notify_all()
-            self._commit(batch)
+            self._pipeline(batch, seq)
+
+    def _pipeline(self, batch: list[_Request], seq: int) -> None:
+        """Plan in turn (on top of the batches still being written), then write in turn."""
+        spec = None
+        hooks = [r.hook for r in batch] if any(r.hook for r in batch) else None
+        self._turn(self._planned, seq)
+        try:
+            if self.pipelined:
+                try:
+                    spec = self.ledger.speculate([r.prepared for r in batch], self._overlay, hooks)
+                    if spec is not None:
+                        planned = spec.planned_balances()
+                        with self._overlay_lock:
+                            self._overlay.update(planned)
+                except Exception:  # the locking path will report it
+                    log.debug("speculation failed", exc_info=True)
+                    spec = None
+        finally:
+            self._advance(self._planned, seq)
+        self._turn(self._written, seq)
+        try:
+            if spec is not None:
+                try:
+                    outcomes = self.ledger.commit_speculation(spec)
+                    self.speculated += 1
+                except Exception:  # balances moved, a duplicate, …: apply it again with locks
+                    log.debug("speculative write refused; applying the batch with locks", exc_info=True)
+                    self._forget_overlay()
+                    self.fallbacks += 1
+                    self._commit(batch)
+                    return
+                self._trim_overlay()
+                self._deliver(batch, outcomes)
+            else:
+                self._commit(batch)
+                if self.pipelined:
+                    self._forget_overlay()  # written without the overlay's knowledge
+        finally:
+            self._advance(self._written, seq)
+
+    def _turn(self, counter: list, seq: int) -> None:
+        with self._turns:
+            while counter[0] != seq:
+                self._turns.wait()
+
+    def _advance(self, counter: list, seq: int) -> None:
+        with self._turns:
+            counter[0] = seq + 1
+            self._turns.notify_all()
+
+    def _forget_overlay(self) -> None:
+        with self._overlay_lock:
+            self._overlay.clear()
+
+    def _trim_overlay(self) -> None:
+        # Written batches' balances are in the database now; keep the map bounded.
+        if len(self._overlay) > OVERLAY_ACCOUNTS_MAX:
+            self._forget_overlay()
 
     def _commit(self, batch: list[_Request]) -> None:
+        """The locking path (``Ledger.submit_prepared``); a failing batch is re-run entry by
+        entry so that an error reaches only the caller whose entry caused it."""
         try:
             outcomes = self.ledger.submit_prepared([r.prepared for r in batch],
                                                    [r.hook for r in batch] if any(r.hook for r in batch) else None)
@@ -220,11 +311,17 @@ class GroupCommitter:
             for r in batch:
                 self._commit([r])
             return
+        self._deliver(batch, outcomes)
+
+    def _deliver(self, batch: list[_Request], outcomes: list[EntryOutcome]) -> None:
         self.batches += 1
         self.entries += len(batch)
         for r, o in zip(batch, outcomes):
             r.outcome = o
-            r.finish()
+            if r.callback is None:
+                r.done.release()  # wakes the caller
+            else:
+                r.callback()
 
     # ------------------------------------------------------------------ maintenance
     def _maintain(self, expire_interval_s: float | None, seal_interval_s: float | None) -> None:

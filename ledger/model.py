@@ -16,6 +16,16 @@ all-or-nothing), with a journal *entry* as the unit of atomicity and idempotency
 * Balance assertions (beancount's ``balance`` directive) let a caller post only if an account's
   posted net balance is still what it read; the settlement service uses them to apply a split
   computed from year-to-date accumulators exactly once under concurrency.
+* Two-phase: a ``PENDING`` transfer holds its amount (counting against limits) until one
+  ``POST_PENDING`` (all, or part: never more than held) or ``VOID_PENDING`` resolves it, or its
+  ``timeout_s`` passes. A hold past its timeout no longer counts in balance reads at once, is
+  voided by any batch touching its accounts and by the sweeper, and history shows it: an entry
+  of kind ``expiry`` with a ``VOID_PENDING | EXPIRED`` transfer. Posting or voiding it then is
+  ``pending_transfer_expired``.
+* Reversal: an entry with ``reverses`` set is linked to the entry it reverses, at most once. Its
+  transfers must mirror posted legs of the original (plain transfers from an account the
+  original credited to the account it debited, per pair at most what the original moved), so a
+  reversal can be partial but never invents money.
 
 Result codes are closed enums whose names read as rules; their numbers are stable (new members
 are only ever appended). The order in which the rules are checked is documented by the
@@ -28,8 +38,12 @@ are only ever appended). The order in which the rules are checked is documented 
    ``KEY_EXISTS_IN_ANOTHER_ENTRY`` (a transfer sees the effects of the earlier transfers of its
    own entry, so a pending transfer created earlier in an entry may be posted later in it);
 5. balance rules on each account's *net change within the entry*, accounts in order of first
-   appearance: ``OVERFLOWS_BALANCE``, ``EXCEEDS_CREDITS``, ``EXCEEDS_DEBITS``; the failure is
-   reported at the first transfer of the entry that moves that account the offending way.
+   appearance (debit account before credit account within a transfer): ``OVERFLOWS_BALANCE``
+   (reported at the first transfer touching the account), ``EXCEEDS_CREDITS`` (at the first
+   transfer debiting it), ``EXCEEDS_DEBITS`` (at the first transfer crediting it).
+
+A batch of entries (``submit_many``, group commit) gives exactly the outcomes of submitting its
+entries one after another.
 
 A failing entry posts nothing; ``EntryOutcome.transfer_results`` then gives the failing transfer
 its rule and every other transfer ``LINKED_EVENT_FAILED`` (TigerBeetle's linked events).
@@ -57,6 +71,13 @@ INT32_MAX = 2**31 - 1           #: bound of ``code`` and ``ledger`` (INTEGER col
 
 #: canonical JSON: sorted keys, no spaces, UTF-8 kept (the idempotency hash and stored metadata)
 _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+def _json_string(value: str) -> str:
+    """``value`` as a JSON string, exactly as the canonical encoder writes it."""
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return '"' + value + '"'
+    return _CANONICAL_JSON.encode(value)
+
 
 LEDGER_MONEY = 1  #: real money, CNY fen
 LEDGER_MEMO = 2   #: memo accounts (year-to-date accumulators); balanced but not money
@@ -254,15 +275,16 @@ class EntrySpec:
         ``metadata_json`` may pass :meth:`metadata_json` when the caller already has it."""
         if metadata_json is None:
             metadata_json = self.metadata_json()
-        transfers = [[t.key, t.debit, t.credit, t.amount_fen, int(t.flags), t.pending_key, t.timeout_s, t.code]
-                     for t in self.transfers]
-        assertions = [[a.account, a.expected_fen] for a in self.assertions]
-        # Same canonical text as json.dumps of the whole body with sort_keys (assertions, kind,
-        # metadata, reverses, transfers), built without re-serialising the metadata.
-        enc = _CANONICAL_JSON.encode
-        text = "".join(('{"assertions":', enc(assertions), ',"kind":', enc(self.kind),
-                        ',"metadata":', metadata_json, ',"reverses":', enc(self.reverses),
-                        ',"transfers":', enc(transfers), "}"))
+        # The canonical JSON of the whole body with sorted keys (assertions, kind, metadata,
+        # reverses, transfers), built piece by piece: strings that need no escaping are quoted
+        # directly, anything else goes through the JSON encoder (same text either way).
+        q = _json_string
+        transfers = ",".join(
+            f"[{q(t.key)},{q(t.debit)},{q(t.credit)},{int(t.amount_fen)},{int(t.flags)},{q(t.pending_key)},"
+            f"{int(t.timeout_s)},{int(t.code)}]" for t in self.transfers)
+        assertions = ",".join(f"[{q(a.account)},{int(a.expected_fen)}]" for a in self.assertions)
+        text = (f'{{"assertions":[{assertions}],"kind":{q(self.kind)},"metadata":{metadata_json},'
+                f'"reverses":{q(self.reverses)},"transfers":[{transfers}]}}')
         return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -39,7 +39,8 @@ from ledger.machine import (F_EXPIRED_VOID, F_NONE, F_PENDING, F_POST, F_VOID, S
 from ledger.model import (INT32_MAX, KEY_LENGTH_MAX, TRANSFER_KEY_LENGTH_MAX, AccountFlags, AccountKind,
                           AccountResult, AccountSpec, Balance, EntryOutcome, EntrySpec, TransferFlags)
 from ledger.money import AMOUNT_FEN_MAX, CURRENCY_EXPONENTS
-from ledger.store_pg import PgStore, execute as pg_execute, seal_watermark
+from ledger.store_pg import (BEGIN_BARE, BEGIN_SHARED, PG_IDLE, HotPool, PgStore, execute as pg_execute,
+                             seal_watermark)
 from ledger.store_sqlite import SqliteStore
 
 BATCH_ENTRIES_MAX = 4096
@@ -243,8 +244,8 @@ class Ledger:
         n_entries = len(lookups[3])
         n_transfers = sum(len(p.spec.transfers) for p in batch if p.failure is None)
 
-        def work_pg(raw, conn: Connection | None):
-            snap = self._store.begin_and_load(raw, self.now_us(), *lookups, n_entries, n_transfers)
+        def work_pg(raw, conn: Connection | None, begin: str):
+            snap = self._store.begin_and_load(raw, begin, self.now_us(), *lookups, n_entries, n_transfers)
             plan, run_hooks = decide(snap)
             if plan.writes:
                 ids = self._store.persist(raw, plan, snap, commit=not run_hooks)
@@ -258,6 +259,83 @@ class Ledger:
             return outcomes, plan.expired_count
 
         return self._store.run(self.engine, work_pg, self.retries_max, with_sa=hooks is not None)
+
+    # ------------------------------------------------------------------ pipelined (group commit)
+    def speculate(self, batch: Sequence[Prepared], overlay: dict[int, tuple],
+                  hooks: Sequence[EntryHook | None] | None = None) -> "Speculation | None":
+        """PostgreSQL only, for :class:`ledger.groupcommit.GroupCommitter`: open a transaction,
+        read what the batch touches *without* locking it, and decide the batch on top of
+        ``overlay`` (account id -> balances planned by batches still being written). Returns
+        None when no connection of the hot pool is free (the caller then uses the locking
+        path). The decision is only valid once :meth:`commit_speculation` has locked every
+        account it read and found the balances it assumed. With ``hooks`` the transaction runs
+        on a pooled SQLAlchemy connection, which the hooks receive."""
+        if self._sqlite:
+            return None
+        if not any(h is not None for h in hooks or ()):
+            hooks = None
+        conn = held = pool = None
+        if hooks is not None:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            raw, info, begin = conn.connection.driver_connection, conn.connection.info, BEGIN_SHARED
+        else:
+            pool = HotPool.of(self.engine)
+            held = pool.get()
+            if held is None:
+                return None
+            raw, info, begin = held.raw, held.info, BEGIN_BARE
+        spec = Speculation(batch, None, None, {}, raw, held, pool, conn, hooks)
+        try:
+            lookups = _lookups(batch, ())
+            n_transfers = sum(len(p.spec.transfers) for p in batch if p.failure is None)
+            for attempt in (1, 2):
+                self._store._ensure_prepared(raw, info)
+                try:
+                    snap = self._store.begin_and_load(raw, begin, self.now_us(), *lookups, len(lookups[3]),
+                                                      n_transfers, lock=False)
+                    break
+                except Exception as exc:  # statements dropped by psycopg's DEALLOCATE ALL: once more
+                    if getattr(exc, "sqlstate", None) != "26000" or attempt == 2:
+                        raise
+                    _rollback_quietly(raw)
+                    info.pop("ledger_prepared", None)
+            for acc_id, acc in snap.by_id.items():
+                planned = overlay.get(acc_id)
+                if planned is not None:
+                    acc.dp, acc.dpo, acc.cp, acc.cpo = planned
+            spec.expected = {acc_id: (a.dp, a.dpo, a.cp, a.cpo) for acc_id, a in snap.by_id.items()}
+            spec.plan = plan_batch(batch, snap)
+            spec.snap = snap
+            return spec
+        except BaseException:
+            spec.release(failed=True)
+            raise
+
+    def commit_speculation(self, spec: "Speculation") -> list[EntryOutcome]:
+        """Lock every account the speculation read (one statement, ascending id order), check
+        that their balances are the ones it assumed, write it, run its hooks and commit — one
+        round trip without hooks. Raises :class:`ledger.db.StaleReadError` (balances moved, a
+        pending transfer already resolved), the unique violation of a concurrent duplicate, or
+        what a hook raised: nothing is written then, and the caller applies the batch again on
+        the locking path."""
+        raw, plan = spec.raw, spec.plan
+        failed = True
+        try:
+            run_hooks = spec.hooks is not None and any(
+                h is not None and type(r) is tuple and r[0] == "new" for h, r in zip(spec.hooks, plan.results))
+            if plan.writes:
+                ids = self._store.persist(raw, plan, spec.snap, commit=not run_hooks, expected=spec.expected)
+            else:
+                self._store.check_and_commit(raw, spec.expected)
+                ids = ([], [])
+            outcomes = finish(spec.batch, plan, *ids)
+            if run_hooks:
+                _call_hooks(spec.conn, spec.hooks, plan, outcomes)
+                pg_execute(raw, "COMMIT")
+            failed = False
+            return outcomes
+        finally:
+            spec.release(failed=failed)
 
     def expire_pending(self) -> int:
         """The sweeper: void every pending transfer whose timeout has passed, writing an
@@ -414,13 +492,14 @@ class Ledger:
         hash is SHA-256 over the previous seal's hash and the canonical rows of its transfers
         (:func:`chain_rows`, :func:`seal_hash`). On PostgreSQL ids are allocated by concurrent
         transactions, so sealing stops at a watermark below which every writer has finished
-        (:func:`ledger.store_pg.seal_watermark`); on SQLite the single writer commits in id order.
+        (:func:`ledger.store_pg.seal_watermark`, which never blocks a writer); on SQLite the
+        single writer commits in id order.
         Returns the number of transfers sealed.
         """
         if self._sqlite:
             watermark = None
         else:
-            watermark = run_with_retry(self.engine, seal_watermark, retries_max=self.retries_max)
+            watermark = seal_watermark(self.engine)
         total = 0
         while True:
             def work(conn: Connection) -> int:
@@ -601,6 +680,45 @@ def _lookups(batch: Sequence[Prepared], extra_ids: Sequence[int]) -> tuple:
     pkeys_ok = [k for k in pending_keys if is_valid_key(k, TRANSFER_KEY_LENGTH_MAX)]
     tkeys_ok = [k for k in transfer_keys if is_valid_key(k, TRANSFER_KEY_LENGTH_MAX)]
     return names_ok, list(extra_ids), pkeys_ok, list(entry_keys), tkeys_ok, list(reverse_keys)
+
+
+@dataclass(slots=True)
+class Speculation:
+    """A batch decided on an unlocked read (see :meth:`Ledger.speculate`); it holds its
+    connection and open transaction until :meth:`Ledger.commit_speculation`."""
+
+    batch: Sequence[Prepared]
+    plan: object
+    snap: object
+    expected: dict[int, tuple]  #: account id -> (dp, dpo, cp, cpo) the decision assumed
+    raw: object                 #: the psycopg connection
+    held: object                #: from the hot pool (no hooks) …
+    pool: object
+    conn: object                #: … or a pooled SQLAlchemy connection (hooks)
+    hooks: object
+
+    def planned_balances(self) -> dict[int, tuple]:
+        """Balances of the accounts the batch changes, once it is written."""
+        by_id = self.snap.by_id
+        return {acc_id: (by_id[acc_id].dp, by_id[acc_id].dpo, by_id[acc_id].cp, by_id[acc_id].cpo)
+                for acc_id in self.plan.deltas}
+
+    def release(self, *, failed: bool) -> None:
+        """Roll back what is left open (after a failure) and give the connection back."""
+        if failed:
+            _rollback_quietly(self.raw)
+        if self.conn is not None:
+            self.conn.close()
+        else:
+            self.pool.put(self.held)
+
+
+def _rollback_quietly(raw) -> None:
+    try:
+        if not raw.closed and raw.pgconn.transaction_status != PG_IDLE:
+            pg_execute(raw, "ROLLBACK")
+    except Exception:  # the connection is dropped by the pool when it is broken
+        pass
 
 
 def _call_hooks(conn, hooks, plan, outcomes: list[EntryOutcome]) -> None:

@@ -4,9 +4,8 @@ A batch is exactly two messages to the server, each a server-side prepared state
 through the simple-query protocol (psycopg costs tens of µs of Python per call, so the hot path
 makes as few driver calls as possible and no per-row ones):
 
-1. ``BEGIN; SET LOCAL …; LOCK TABLE ledger_transfers IN ROW EXCLUSIVE MODE; EXECUTE
-   ledger_read_…(…)`` (statements are planned once per connection, index access only, see
-   ``_BEGIN``) — ONE statement that locks every account the batch
+1. ``BEGIN; SELECT pg_current_xact_id(); EXECUTE ledger_read_…(…)`` (statements are planned
+   once per connection, index access only, see ``_PLANNER``) — ONE statement that locks every account the batch
    touches (the accounts it names, those of the pending transfers it resolves and of the expired
    holds on them) with ``SELECT … ORDER BY id FOR UPDATE`` (ascending id order: two batches
    never deadlock on accounts) and returns, as JSON, the locked balances, the existing entries
@@ -30,43 +29,56 @@ hits a unique index (the batch is retried and then replays or reports), and a pe
 is resolved only ``WHERE state = 1`` with the count checked inside statement 2 (the guard aborts
 the transaction, so the pipelined COMMIT cannot commit, and the batch is retried).
 
-Ids come from the tables' sequences after the transaction took ``ledger_transfers``' ROW
-EXCLUSIVE lock; :func:`seal_watermark` relies on that to seal the hash chain only below ids
-whose transactions have all finished.
+Ids come from the tables' sequences after the transaction took its transaction id;
+:func:`seal_watermark` relies on that to seal the hash chain only below ids whose transactions
+have all finished, without ever blocking a writer.
+
+The group committer pipelines batches (:meth:`ledger.store.Ledger.speculate`): statement 1 is
+then run without ``FOR UPDATE`` (``ledger_peek_…``), and the write message starts with
+``ledger_lock_cas_…``, which locks every account the batch read — once, ascending id order, one
+statement — and aborts unless their balances are the ones the batch was decided on.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from psycopg import errors as pg_errors, generators, pq
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine, event
 
 from ledger.db import RETRY_SLEEP_S_MAX, StaleReadError, is_retryable, is_unique_violation
 from ledger.machine import (Account, Hold, Plan, ReversalTarget, Snapshot, StoredEntry, F_NONE, F_PENDING,
                             F_POST, S_PENDING)
 
-VERSION = "v2"  #: bump when a statement changes (connections prepare each name once)
+VERSION = "v3"  #: bump when a statement changes (connections prepare each name once)
 GUARD = "ledger guard failed: "
 #: Plan each statement once per connection (generic plan), and plan it index-only: every lookup
 #: of the hot path has an index, and a plan chosen while a table was small must not turn into a
-#: sequential scan of millions of rows per transaction later. The ROW EXCLUSIVE lock on
-#: ``ledger_transfers`` is what INSERT would take anyway; taking it before ids are drawn is what
-#: lets :func:`seal_watermark` know that no lower id can still appear.
-_BEGIN = ("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; "
-          "LOCK TABLE ledger_transfers IN ROW EXCLUSIVE MODE; ")
-_IDLE = pq.TransactionStatus.IDLE
+#: sequential scan of millions of rows per transaction later.
+_PLANNER = ("plan_cache_mode = force_generic_plan", "enable_seqscan = off")
+#: A writer takes its transaction id before it draws any row id: :func:`seal_watermark` relies on
+#: it (every id drawn belongs to a transaction the sealer can see and wait for).
+_BEGIN_BARE = BEGIN_BARE = "BEGIN; SELECT pg_current_xact_id(); "
+#: on a connection shared with other code the planner settings last for the transaction only;
+#: the hot pool's own connections carry them for the session (see :class:`HotPool`)
+_BEGIN = BEGIN_SHARED = "BEGIN; " + "".join(f"SET LOCAL {x}; " for x in _PLANNER) + _BEGIN_BARE[len("BEGIN; "):]
+_IDLE = PG_IDLE = pq.TransactionStatus.IDLE
 _FATAL = pq.ExecStatus.FATAL_ERROR
 _loads = json.loads
 
 
-def _read_sql(full: bool) -> str:
+def _read_sql(full: bool, lock: bool = True) -> str:
     """Statement 1. Parameters: $1 names, $2 more account ids, $3 now (µs), $4 entry keys,
     $5 transfer keys (and pending keys), $6 entries and $7 transfers to draw ids for; ``full``
-    adds $8 pending keys and $9 keys of entries to reverse."""
-    name = f"ledger_read_{'full' if full else 'simple'}_{VERSION}"
+    adds $8 pending keys and $9 keys of entries to reverse. Without ``lock`` the accounts are
+    only read (the group committer's speculative read, validated by :data:`LOCK_CAS_SQL`)."""
+    name = f"ledger_{'read' if lock else 'peek'}_{'full' if full else 'simple'}_{VERSION}"
+    lock_clause = "\n    FOR UPDATE OF a" if lock else ""
     types = "text[], bigint[], bigint, text[], text[], int, int" + (", text[], text[]" if full else "")
     pending_base = """
     UNION SELECT t.debit_account_id FROM ledger_transfers t WHERE t.key = ANY($8)
@@ -94,8 +106,7 @@ locked AS MATERIALIZED (
     FROM ledger_accounts a
     WHERE a.id = ANY(ARRAY(SELECT id FROM base UNION SELECT debit_account_id FROM ex
                            UNION SELECT credit_account_id FROM ex))
-    ORDER BY a.id
-    FOR UPDATE OF a
+    ORDER BY a.id{lock_clause}
 )
 SELECT
   (SELECT json_agg(json_build_array(id, name, kind, ledger, flags, credit_limit, debits_pending,
@@ -133,7 +144,7 @@ def _write_sql(full: bool) -> str:
                    ("u_tid", "bigint[]"), ("u_state", "int[]"), ("u_by", "bigint[]"),
                    ("r_entry", "bigint[]"), ("r_by", "bigint[]")]
     P = {n: f"${i + 1}" for i, (n, _) in enumerate(params)}
-    rev = f"x.rev" if full else "NULL::bigint"
+    rev = "x.rev" if full else "NULL::bigint"
     rev_arg = f", {P['e_rev']}" if full else ""
     rev_col = ", rev" if full else ""
     pid = "x.pid" if full else "NULL::bigint"
@@ -196,9 +207,32 @@ SELECT CASE WHEN (SELECT count(*) FROM upd_a) = {P["n_acc"]}"""
     return sql
 
 
+LOCK_CAS = f"ledger_lock_cas_{VERSION}"
+LOCK_CAS_SQL = f"""
+PREPARE {LOCK_CAS} (bigint[], bigint[], bigint[], bigint[], bigint[]) AS
+WITH locked AS MATERIALIZED (
+    SELECT a.id, a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted
+    FROM ledger_accounts a WHERE a.id = ANY($1)
+    ORDER BY a.id
+    FOR UPDATE OF a
+),
+differ AS (
+    SELECT count(*) AS n FROM locked l
+    JOIN unnest($1, $2, $3, $4, $5) AS x(id, dp, dpo, cp, cpo) ON x.id = l.id
+    WHERE (l.debits_pending, l.debits_posted, l.credits_pending, l.credits_posted)
+          IS DISTINCT FROM (x.dp, x.dpo, x.cp, x.cpo)
+)
+SELECT CASE WHEN (SELECT count(*) FROM locked) = cardinality($1) AND (SELECT n FROM differ) = 0 THEN 0
+            -- the balances moved since the batch was planned: abort, the batch is planned again
+            ELSE ('{GUARD}balances moved ' || (SELECT n FROM differ))::int END
+"""
+
 READ_SIMPLE, READ_FULL = f"ledger_read_simple_{VERSION}", f"ledger_read_full_{VERSION}"
+PEEK_SIMPLE, PEEK_FULL = f"ledger_peek_simple_{VERSION}", f"ledger_peek_full_{VERSION}"
 WRITE_SIMPLE, WRITE_FULL = f"ledger_write_simple_{VERSION}", f"ledger_write_full_{VERSION}"
 STATEMENTS = {READ_SIMPLE: _read_sql(False), READ_FULL: _read_sql(True),
+              PEEK_SIMPLE: _read_sql(False, lock=False), PEEK_FULL: _read_sql(True, lock=False),
+              LOCK_CAS: LOCK_CAS_SQL,
               WRITE_SIMPLE: _write_sql(False), WRITE_FULL: _write_sql(True)}
 
 SEQUENCES_SQL = ("SELECT pg_get_serial_sequence('ledger_entries', 'id'), "
@@ -207,7 +241,21 @@ SEQUENCES_SQL = ("SELECT pg_get_serial_sequence('ledger_entries', 'id'), "
 
 # ------------------------------------------------------------------------------ literals
 def text_array(items) -> str:
-    """An SQL string literal holding a PostgreSQL text[] literal (None -> NULL)."""
+    """An SQL string literal holding a PostgreSQL text[] literal (None -> NULL), every element
+    quoted. One pass over the joined text when nothing needs escaping (keys and names never
+    do: they are printable and, in practice, free of quotes and backslashes)."""
+    if not items:
+        return "'{}'"
+    try:
+        joined = '","'.join(items)
+    except TypeError:  # a None inside
+        return _text_array_slow(items)
+    if joined.count('"') != 2 * (len(items) - 1) or "\\" in joined or "'" in joined:
+        return _text_array_slow(items)  # a quote, backslash or apostrophe inside an element
+    return "'{\"" + joined + "\"}'"
+
+
+def _text_array_slow(items) -> str:
     parts = []
     for s in items:
         if s is None:
@@ -273,30 +321,39 @@ class PgStore:
         info["ledger_prepared"] = VERSION
 
     def run(self, engine: Engine, work: Callable, retries_max: int, *, with_sa: bool):
-        """Call ``work(raw, sa_conn, store)`` with a checked-out connection in autocommit mode
-        (the statements carry BEGIN / COMMIT themselves); retry retryable errors with the same
-        inputs, at most ``retries_max`` attempts. ``with_sa`` gives ``work`` an SQLAlchemy
-        Connection on the same database session (for hooks), else None."""
+        """Call ``work(raw, sa_conn, begin)`` on a connection in autocommit mode (the statements
+        carry BEGIN / COMMIT themselves; ``begin`` is the text that starts the transaction on
+        that connection); retry retryable errors with the same inputs, at most ``retries_max``
+        attempts. ``with_sa`` gives ``work`` an SQLAlchemy Connection on the same database
+        session (for hooks); otherwise ``sa_conn`` is None and the connection comes from the
+        engine's :class:`HotPool` (or, when all of those are busy, from the engine's pool)."""
         attempt = 0
         while True:
             try:
                 if with_sa:
                     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                         raw = conn.connection.driver_connection
-                        return self._in_session(raw, conn.connection.info, work, conn)
-                fairy = engine.raw_connection()
-                try:
-                    raw = fairy.driver_connection
-                    raw.autocommit = True
+                        return self._in_session(raw, conn.connection.info, work, conn, _BEGIN)
+                pool = HotPool.of(engine)
+                held = pool.get()
+                if held is None:  # every hot connection is busy: borrow one from the engine's pool
+                    fairy = engine.raw_connection()
                     try:
-                        return self._in_session(raw, fairy.info, work, None)
+                        raw = fairy.driver_connection
+                        raw.autocommit = True
+                        try:
+                            return self._in_session(raw, fairy.info, work, None, _BEGIN)
+                        finally:
+                            if not raw.closed and raw.pgconn.transaction_status == _IDLE:
+                                raw.autocommit = False
+                            else:
+                                fairy.invalidate()
                     finally:
-                        if not raw.closed and raw.pgconn.transaction_status == _IDLE:
-                            raw.autocommit = False
-                        else:
-                            fairy.invalidate()
+                        fairy.close()
+                try:
+                    return self._in_session(held.raw, held.info, work, None, _BEGIN_BARE)
                 finally:
-                    fairy.close()
+                    pool.put(held)
             except Exception as exc:
                 attempt += 1
                 if isinstance(exc, _Missing) and attempt < retries_max:
@@ -305,10 +362,10 @@ class PgStore:
                     raise
                 time.sleep(min(0.002 * (2 ** attempt), RETRY_SLEEP_S_MAX))
 
-    def _in_session(self, raw, info: dict, work: Callable, sa_conn):
+    def _in_session(self, raw, info: dict, work: Callable, sa_conn, begin: str):
         self._ensure_prepared(raw, info)
         try:
-            return work(raw, sa_conn)
+            return work(raw, sa_conn, begin)
         except Exception as exc:
             if not raw.closed and raw.pgconn.transaction_status != _IDLE:
                 try:
@@ -324,11 +381,13 @@ class PgStore:
             raise
 
     # -------------------------------------------------------------- statement 1
-    def begin_and_load(self, raw, now_us: int, names: Sequence[str], ids: Sequence[int],
+    def begin_and_load(self, raw, begin: str, now_us: int, names: Sequence[str], ids: Sequence[int],
                        pending_keys: Sequence[str], entry_keys: Sequence[str], transfer_keys: Sequence[str],
-                       reverse_keys: Sequence[str], n_entries: int, n_transfers: int) -> Snapshot:
-        """``BEGIN`` and statement 1: lock and read everything the batch can touch and draw ids
-        for up to ``n_entries`` entries and ``n_transfers`` transfers (plus expiries)."""
+                       reverse_keys: Sequence[str], n_entries: int, n_transfers: int, *,
+                       lock: bool = True) -> Snapshot:
+        """``begin`` (the transaction start from :meth:`run`) and statement 1: lock and read
+        everything the batch can touch and draw ids for up to ``n_entries`` entries and
+        ``n_transfers`` transfers (plus expiries)."""
         full = bool(pending_keys or reverse_keys)
         tkeys = list(transfer_keys)
         if full:
@@ -337,7 +396,8 @@ class PgStore:
                 f"{n_entries}, {n_transfers}")
         if full:
             args += f", {text_array(pending_keys)}, {text_array(reverse_keys)}"
-        res = execute(raw, f"{_BEGIN}EXECUTE {READ_FULL if full else READ_SIMPLE}({args})")[-1]
+        statement = (READ_FULL if full else READ_SIMPLE) if lock else (PEEK_FULL if full else PEEK_SIMPLE)
+        res = execute(raw, f"{begin}EXECUTE {statement}({args})")[-1]
         j_accounts, j_entries, j_transfers, j_expired = (
             None if (v := res.get_value(0, i)) is None else _loads(v) for i in range(4))
         accounts: dict[str, Account] = {}
@@ -380,10 +440,22 @@ class PgStore:
         snap.transfer_ids = _id_list(res.get_value(0, 5))
         return snap
 
+    def check_and_commit(self, raw, expected: dict[int, tuple]) -> None:
+        """A speculation that writes nothing still checks what it read before it answers."""
+        try:
+            execute(raw, _check_sql(expected) + "COMMIT")
+        except Exception as exc:
+            if GUARD in str(exc):
+                raise StaleReadError(str(exc)) from exc
+            raise
+
     # -------------------------------------------------------------- statement 2
-    def persist(self, raw, plan: Plan, snap: Snapshot, *, commit: bool) -> tuple[list[int], list[int]]:
+    def persist(self, raw, plan: Plan, snap: Snapshot, *, commit: bool,
+                expected: dict[int, tuple] | None = None) -> tuple[list[int], list[int]]:
         """Statement 2 (with ``COMMIT`` when ``commit``); returns entry and transfer ids in plan
-        order. A failed guard raises :class:`StaleReadError` (via :meth:`run`)."""
+        order. With ``expected`` (account id -> balances the plan assumed), the accounts are
+        first locked and compared in the same message (:data:`LOCK_CAS_SQL`). A failed guard
+        raises :class:`StaleReadError`."""
         es, ts, holds, ups, revs = plan.entries, plan.transfers, plan.new_holds, plan.hold_updates, plan.reversals
         eids, tids = snap.entry_ids, snap.transfer_ids
         assert len(eids) >= len(es) and len(tids) >= len(ts), "ids drawn for fewer rows than planned"
@@ -412,22 +484,140 @@ class PgStore:
                 _ints([u[0] for u in ups]), _ints([u[1] for u in ups]), _ints([tids[u[2]] for u in ups]),
                 _ints([r[0] if r[1] is None else eids[r[1]] for r in revs]), _ints([eids[r[2]] for r in revs]),
             ]
-        execute(raw, f"EXECUTE {WRITE_FULL if full else WRITE_SIMPLE}({', '.join(args)})"
-                     f"{'; COMMIT' if commit else ''}")
+        cas = _check_sql(expected) if expected is not None else ""
+        try:
+            execute(raw, f"{cas}EXECUTE {WRITE_FULL if full else WRITE_SIMPLE}({', '.join(args)})"
+                         f"{'; COMMIT' if commit else ''}")
+        except Exception as exc:
+            if GUARD in str(exc):
+                raise StaleReadError(str(exc)) from exc
+            raise
         return eids[:len(es)], tids[:len(ts)]
+
+
+class _Held:
+    __slots__ = ("raw", "info")
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.info: dict = {}
+
+    def close(self) -> None:
+        try:
+            self.raw.close()
+        except Exception:  # pragma: no cover - best effort on a broken connection
+            pass
+
+
+class HotPool:
+    """Connections the ledger's hot path keeps in autocommit mode, one small set per Engine.
+
+    They are created through the engine (its connect arguments and events apply), then
+    detached from its pool, so a batch skips the pool's checkout and return and the autocommit
+    switch each way, and the planner settings are set once per session instead of per
+    transaction. At most the engine pool's ``size()`` of them exist; beyond that a batch
+    borrows an ordinary pooled connection. A connection that is closed, broken or left in a
+    transaction is dropped (the batch that saw it fail is retried on another). Closed when the
+    engine is disposed.
+    """
+
+    _pools: "weakref.WeakKeyDictionary[Engine, HotPool]" = weakref.WeakKeyDictionary()
+    _pools_lock = threading.Lock()
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine_ref = weakref.ref(engine)
+        self._idle: collections.deque[_Held] = collections.deque()
+        self._lock = threading.Lock()
+        self._count = 0
+        self._size_max = max(1, engine.pool.size()) if hasattr(engine.pool, "size") else 4
+        self._generation = 0
+
+    @classmethod
+    def of(cls, engine: Engine) -> "HotPool":
+        pool = cls._pools.get(engine)
+        if pool is None:
+            with cls._pools_lock:
+                pool = cls._pools.get(engine)
+                if pool is None:
+                    pool = cls._pools[engine] = HotPool(engine)
+                    event.listen(engine, "engine_disposed", lambda _engine: pool.close())
+        return pool
+
+    def get(self) -> "_Held | None":
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        with self._lock:
+            if self._count >= self._size_max:
+                return None
+            self._count += 1
+        try:
+            engine = self._engine_ref()
+            fairy = engine.raw_connection()
+            raw = fairy.driver_connection
+            fairy.detach()  # ours now: the engine's pool forgets it
+            held = _Held(raw)
+            raw.autocommit = True
+            execute(raw, "".join(f"SET {x}; " for x in _PLANNER))
+            held.info["generation"] = self._generation
+            return held
+        except BaseException:
+            with self._lock:
+                self._count -= 1
+            raise
+
+    def put(self, held: "_Held") -> None:
+        raw = held.raw
+        if (not raw.closed and not raw.broken and raw.pgconn.transaction_status == _IDLE
+                and held.info.get("generation") == self._generation):
+            self._idle.append(held)
+            return
+        with self._lock:
+            self._count -= 1
+        held.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._generation += 1
+            idle, self._idle = list(self._idle), collections.deque()
+            self._count -= len(idle)
+        for held in idle:
+            held.close()
+
+
+def _check_sql(expected: dict[int, tuple]) -> str:
+    ev = expected.values()
+    return (f"EXECUTE {LOCK_CAS}({_ints(expected.keys())}, {_ints([b[0] for b in ev])}, "
+            f"{_ints([b[1] for b in ev])}, {_ints([b[2] for b in ev])}, {_ints([b[3] for b in ev])}); ")
 
 
 class _Missing(Exception):
     """A prepared statement was missing on the connection; prepare again and retry."""
 
 
-def seal_watermark(conn: Connection) -> int:
-    """The highest transfer id below which every transaction that could insert transfers has
-    finished: taken under a brief SHARE lock on ``ledger_transfers`` (waits for in-flight
-    writers — ids are drawn inside their INSERT, under ROW EXCLUSIVE — and blocks new ones
-    until this transaction ends)."""
+def seal_watermark(engine: Engine, wait_s_max: float = 30.0) -> int:
+    """The highest transfer id below which no transaction can still insert a transfer, found
+    without blocking writers: read the id sequence's last value, then a snapshot, and wait until
+    every transaction in progress in that snapshot has finished. Each writer takes its
+    transaction id before it draws row ids (``BEGIN_BARE``), so any id up to that last value
+    belongs to a transaction that has finished by then (committed, or rolled back and never to
+    appear). Raises ``TimeoutError`` after ``wait_s_max`` (a transaction left open)."""
     from sqlalchemy import text
 
-    conn.execute(text("SET LOCAL lock_timeout = '10s'"))
-    conn.execute(text("LOCK TABLE ledger_transfers IN SHARE MODE"))
-    return int(conn.execute(text("SELECT coalesce(max(id), 0) FROM ledger_transfers")).scalar_one())
+    with engine.connect() as conn:
+        seq = conn.execute(text("SELECT pg_get_serial_sequence('ledger_transfers', 'id')")).scalar_one()
+        last, called = conn.execute(text(f"SELECT last_value, is_called FROM {seq}")).one()
+        conn.commit()
+        snapshot = conn.execute(text("SELECT pg_current_snapshot()::text")).scalar_one()
+        conn.commit()
+        deadline = time.monotonic() + wait_s_max
+        while conn.execute(text(
+                "SELECT count(*) FROM pg_snapshot_xip(CAST(:s AS pg_snapshot)) AS x "
+                "WHERE pg_xact_status(x) = 'in progress'"), {"s": snapshot}).scalar_one():
+            conn.commit()
+            if time.monotonic() > deadline:
+                raise TimeoutError("a transaction stayed open: the hash chain is sealed later")
+            time.sleep(0.005)
+        conn.commit()
+    return int(last) if called else 0

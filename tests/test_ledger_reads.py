@@ -226,3 +226,35 @@ def test_submit_many_is_sequential_within_a_batch(w):
     assert w.balance("wallet").net_posted == 0
     with pytest.raises(ValueError):
         w.ledger.submit_many([first], hooks=[])
+
+
+@pytest.mark.pg
+def test_seal_waits_for_a_writer_that_drew_lower_ids(pg_url):
+    """A batch that drew transfer ids and has not committed yet holds back the seal, so its
+    rows can never land inside a range that is already sealed."""
+    import threading
+
+    import migrations
+    from ledger.db import make_engine
+    from ledger.machine import prepare
+
+    engine = make_engine(pg_url)
+    migrations.upgrade(engine)
+    try:
+        w = World(engine)
+        w.standard()
+        early = w.ledger.speculate([prepare(w.entry(w.t("bank", "wallet", 7)))], {})  # ids drawn, open
+        assert early is not None
+        late = w.submit(w.t("merchant", "wallet2", 8))                               # higher ids, committed
+        assert late.transfer_ids[0] > max(early.snap.transfer_ids)
+        sealed = []
+        sealer = threading.Thread(target=lambda: sealed.append(w.ledger.seal()))
+        sealer.start()
+        sealer.join(0.5)
+        assert sealer.is_alive()  # waiting for the open batch
+        outcomes = w.ledger.commit_speculation(early)
+        sealer.join(30)
+        assert outcomes[0].ok and sealed and sealed[0] >= 2
+        assert w.ledger.seal() == 0 and w.ledger.verify() == []
+    finally:
+        engine.dispose()
