@@ -30,15 +30,12 @@ import asyncio
 import json
 import os
 import random
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
-from urllib.parse import urlsplit, urlunsplit
+
+from benchmarks.anchors import checkpoint, run_pgbench, scratch_urls
 
 TARGETS = {"single_vs_pgbench": 1.5, "group_commit_vs_pgbench": 6.0, "hot_vs_uniform": 0.8}
 ACCOUNTS = 10_000
@@ -50,39 +47,6 @@ def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _scratch_urls(db_url: str) -> tuple[str, str, str]:
-    """(admin URL, scratch URL, scratch database name)."""
-    parts = urlsplit(db_url.replace("postgresql+psycopg://", "postgresql://"))
-    name = f"ledger_bench_{uuid.uuid4().hex[:8]}"
-    scratch = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, parts.fragment)), scratch, name
-
-
-def checkpoint(url: str) -> None:
-    """Start a measured phase from a clean checkpoint (best effort: needs the right)."""
-    import psycopg
-
-    try:
-        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
-            conn.execute("CHECKPOINT")
-    except psycopg.Error as exc:  # pragma: no cover - a role without pg_checkpoint
-        print(f"(no CHECKPOINT: {exc})", file=sys.stderr)
-
-
-def run_pgbench(scratch_url: str, seconds: float) -> float:
-    """pgbench -i (scale 1) then -c 8 -j 2 -T seconds on the scratch database; returns tps."""
-    if shutil.which("pgbench") is None:
-        raise SystemExit("pgbench is not on PATH")
-    subprocess.run(["pgbench", "-i", "-q", scratch_url], check=True, capture_output=True)
-    checkpoint(scratch_url)
-    out = subprocess.run(["pgbench", "-c", "8", "-j", "2", "-T", str(max(1, int(seconds))), scratch_url],
-                         check=True, capture_output=True, text=True).stdout
-    m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out) or re.search(r"tps = ([0-9.]+)", out)
-    if not m:
-        raise SystemExit("could not read pgbench tps:\n" + out)
-    return float(m.group(1))
 
 
 def setup_accounts(ledger, prefix: str, count: int) -> list[str]:
@@ -275,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import psycopg
 
-    admin_url, scratch_url, name = _scratch_urls(args.db)
+    admin_url, scratch_url, name = scratch_urls(args.db, "ledger_bench")
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
         sync = conn.execute("SHOW synchronous_commit").fetchone()[0]

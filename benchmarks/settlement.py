@@ -31,30 +31,19 @@ import datetime as dt
 import json
 import os
 import random
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+
+from benchmarks.anchors import run_pgbench, scratch_urls
 
 TARGETS = {"settlements_vs_pgbench": 1.0}
 CLINICS = (("H33030200101", 1), ("H33030200102", 2), ("H33030200103", 2), ("H33030200104", 3))
 CHANNEL = "CH0000000101"
 BILLS = 500
-
-
-def scratch_urls(db_url: str) -> tuple[str, str, str]:
-    """(admin URL, scratch URL, scratch database name) for a PostgreSQL URL."""
-    parts = urlsplit(db_url.replace("postgresql+psycopg://", "postgresql://"))
-    name = f"settlement_bench_{uuid.uuid4().hex[:8]}"
-    scratch = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, parts.fragment)), scratch, name
 
 
 # ------------------------------------------------------------------------------ (a) the rules
@@ -90,19 +79,6 @@ def bench_split(bills: list[list[dict]], seconds: float) -> float:
 
 
 # ------------------------------------------------------------------------------ (b) pgbench
-def run_pgbench(scratch_url: str, seconds: float) -> float:
-    """``pgbench -i -s 1`` then ``pgbench -c 8 -j 2 -T seconds`` on the scratch database; tps."""
-    if shutil.which("pgbench") is None:
-        raise SystemExit("pgbench is not on PATH")
-    subprocess.run(["pgbench", "-i", "-q", "-s", "1", scratch_url], check=True, capture_output=True)
-    out = subprocess.run(["pgbench", "-c", "8", "-j", "2", "-T", str(max(1, round(seconds))), scratch_url],
-                         check=True, capture_output=True, text=True).stdout
-    m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out) or re.search(r"tps = ([0-9.]+)", out)
-    if not m:
-        raise SystemExit("could not read pgbench tps:\n" + out)
-    return float(m.group(1))
-
-
 # ------------------------------------------------------------------------------ (c) the service
 class Citizen:
     __slots__ = ("psn_no", "card", "lock")
@@ -262,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import psycopg
 
-    admin_url, scratch_url, name = scratch_urls(args.db)
+    admin_url, scratch_url, name = scratch_urls(args.db, "settlement_bench")
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
         sync = conn.execute("SHOW synchronous_commit").fetchone()[0]
