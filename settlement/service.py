@@ -375,15 +375,22 @@ class SettlementService:
                     auth = self.cards.authorise(visit.payment, amount_fen=wallet_pay, terminal_id=ctx.terminal_id,
                                                 today=business_date)
                 except Rejected as exc:
+                    # A copy of this very request may have settled it meanwhile (the terminal
+                    # resent it): then its counter is used and the amount due has changed.
                     if exc.code in ("atc_replayed", "qr_code_already_used"):
                         replay = self._await_duplicate(ctx, visit)
-                        if replay is not None:
-                            return replay
+                    else:
+                        replay = self._replay_or_conflict(ctx, visit)
+                    if replay is not None:
+                        return replay
                     raise
                 authorised_fen = wallet_pay
                 if auth.psn_no != citizen.psn_no:
                     raise Rejected("card_holder_mismatch", "the card does not belong to the insured person")
             elif wallet_pay and wallet_pay != authorised_fen:
+                replay = self._replay_or_conflict(ctx, visit)
+                if replay is not None:
+                    return replay
                 raise Rejected("amount_mismatch", f"the amount due changed to {wallet_pay} fen; present the card "
                                "again", status=409, amount_due_fen=wallet_pay)
             pan = auth.pan if auth else (visit.payment.get("pan") if method != "cash" else None)
