@@ -114,6 +114,18 @@ def fingerprint(doc: Any) -> str:
                           .encode()).hexdigest()
 
 
+def await_replay(lookup: Callable[[], dict | None], wait_s: float = DUPLICATE_WAIT_S) -> dict | None:
+    """Poll ``lookup`` (the replay of a request, or None) for up to ``wait_s`` seconds: used when
+    a card counter or QR code turns out used, which a concurrent copy of the same request may
+    have done; returns that copy's result, or None when none appears in time."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        replay = lookup()
+        if replay is not None or time.monotonic() >= deadline:
+            return replay
+        time.sleep(0.02)
+
+
 def contention_backoff(attempt: int) -> None:
     """Sleep a random few milliseconds (growing with ``attempt``) before re-reading a person's
     accounts, so that settlements that collided do not collide again in lock-step."""
@@ -427,12 +439,7 @@ class SettlementService:
     def _await_duplicate(self, ctx: TerminalContext, visit: Visit) -> dict | None:
         """The card's counter (or the QR code) was already used: if that was by a copy of this
         very request still in flight (the terminal resent it), wait for it and replay it."""
-        deadline = time.monotonic() + DUPLICATE_WAIT_S
-        while True:
-            replay = self._replay_or_conflict(ctx, visit)
-            if replay is not None or time.monotonic() >= deadline:
-                return replay
-            time.sleep(0.02)
+        return await_replay(lambda: self._replay_or_conflict(ctx, visit))
 
     def _legs(self, names: dict[str, str], payable: str, info, wallet_pay: int, pan: str | None,
               inpatient: bool, interim: bool) -> list[tuple[str, str, int]]:

@@ -14,7 +14,6 @@ written in the same database transaction as the ledger entry.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from sqlalchemy import Engine, insert, select
@@ -26,9 +25,9 @@ from ledger.money import AMOUNT_FEN_MAX
 from settlement import chart
 from settlement.days import BusinessDays
 from settlement.schema import payments, recharges
-from settlement.service import AccountCache, TerminalContext, derived_id, fingerprint, text_field
+from settlement.service import (AccountCache, TerminalContext, await_replay, derived_id, fingerprint,
+                                text_field)
 
-DUPLICATE_WAIT_S = 2.0
 RECHARGE_FEN_MAX = 5_000_00  # 5000 yuan per recharge: a stored-value card limit
 
 
@@ -124,12 +123,9 @@ class WalletService:
             # The counter or code was just used: by a copy of this very request still in flight
             # (the terminal resent it)? Then wait for it and answer with its result.
             if exc.code in ("atc_replayed", "qr_code_already_used"):
-                deadline = time.monotonic() + DUPLICATE_WAIT_S
-                while time.monotonic() < deadline:
-                    replay = self._replay(payments, ctx.org_code, msgid, request_hash)
-                    if replay is not None:
-                        return replay
-                    time.sleep(0.02)
+                replay = await_replay(lambda: self._replay(payments, ctx.org_code, msgid, request_hash))
+                if replay is not None:
+                    return replay
             raise
         key = f"pay:{ctx.org_code}:{msgid}"
         payable = chart.merchant_payable(ctx.org_code)
