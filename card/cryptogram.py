@@ -38,6 +38,7 @@ these TripleDES messages).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 import warnings
@@ -94,6 +95,8 @@ ARC_CARD_AUTH_FAILED = b"Q1"
 ATC_MAX = 0xFFFF
 #: Largest accepted step between the last ATC seen by the host and a new one.
 ATC_JUMP_MAX = 1000
+#: derived ICC master keys kept in memory (see derive_icc_mk)
+ICC_MK_CACHE_MAX = 65536
 #: Amount, authorised (9F02) is n 12: at most 999 999 999 999 fen.
 AMOUNT_N12_MAX = 10**12 - 1
 #: ISO 4217 numeric code of CNY and ISO 3166-1 numeric code of China, as n 3 padded to 4 digits.
@@ -297,7 +300,14 @@ def derive_icc_mk(issuer_mk: bytes, pan: str, psn: str | int = "00") -> bytes:
     digits or an int 0..99. Uses the rightmost 16 digits of PAN || PSN. Returns 16 bytes.
     """
     issuer_mk = _check_key(issuer_mk, "issuer master key")
-    pan, psn = _check_pan(pan), _check_psn(psn)
+    return _derive_icc_mk(issuer_mk, _check_pan(pan), _check_psn(psn))
+
+
+@functools.lru_cache(maxsize=ICC_MK_CACHE_MAX)
+def _derive_icc_mk(issuer_mk: bytes, pan: str, psn: str) -> bytes:
+    # Derived keys are kept (bounded, least recently used first out): the issuer key they
+    # come from is in this process's memory anyway, and a card checks two cryptograms per
+    # payment (ARQC in, ARPC out), each needing its MK_AC.
     with _quiet_tdes():
         return _kd.derive_icc_mk_a(issuer_mk, pan, psn)
 

@@ -21,7 +21,7 @@ from card import cryptogram as cg
 from card.accounts import wallet_spec
 from card.identity import is_valid_gb11643, is_valid_luhn
 from card.schema import cards, citizens
-from ledger.db import write_connection
+from ledger.db import is_sqlite, write_connection
 from ledger.errors import Conflict, Invalid, NotFound, Rejected
 from ledger.model import AccountResult
 from ledger.store import Ledger
@@ -118,30 +118,36 @@ class CardService:
             conn.execute(update(cards).where(cards.c.pan == pan).values(status=status))
 
     # -------------------------------------------------------------- authorisation
-    def authorise(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date) -> Authorisation:
+    def authorise(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date,
+                  card=None) -> Authorisation:
         """Verify a payment authorisation for ``amount_fen`` and consume its counter.
 
         ``auth`` is the JSON the terminal sent: ``{"method": "card", "pan", "pan_seq", "atc",
         "arqc" (hex 8 bytes), "un" (hex 4 bytes), "txn_date" (ISO date), "amount_fen"}`` for the
         physical card (EMV ARQC), or ``{"method": "qr", "payload": base64 CPM}`` for the virtual
         card (EMVCo CPM, valid ``QR_VALIDITY_S`` and single-use).
+        ``card``, when given, is the card row as the caller just read it (attributes ``pan``,
+        ``psn_no``, ``pan_seq``, ``status``, ``last_atc``; the ATC check against it is re-done by
+        the compare-and-set), saving a read.
         Raises Invalid (malformed), NotFound (card), Rejected (blocked card, cryptogram
         mismatch, ATC replay, expired or reused code, amount mismatch).
         """
         method = auth.get("method") if isinstance(auth, dict) else None
         if method == "card":
-            return self._authorise_card(auth, amount_fen=amount_fen, terminal_id=terminal_id, today=today)
+            return self._authorise_card(auth, amount_fen=amount_fen, terminal_id=terminal_id, today=today,
+                                        card=card)
         if method == "qr":
-            return self._authorise_qr(auth, amount_fen=amount_fen)
+            return self._authorise_qr(auth, amount_fen=amount_fen, card=card)
         raise Invalid("payment_method_unknown", "payment.method must be 'card', 'qr' or 'cash'")
 
-    def _active_card(self, pan: str):
-        row = self.card(pan)
+    def _active_card(self, pan: str, card=None):
+        row = card if card is not None and card.pan == pan else self.card(pan)
         if row.status != "active":
             raise Rejected("card_blocked", f"card {pan} is {row.status}")
         return row
 
-    def _authorise_card(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date) -> Authorisation:
+    def _authorise_card(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date,
+                        card=None) -> Authorisation:
         try:
             pan = str(auth["pan"])
             atc = int(auth["atc"])
@@ -156,7 +162,7 @@ class CardService:
                            " present the card again for the new amount", status=409, amount_due_fen=amount_fen)
         if abs((txn_date - today).days) > 1:
             raise Rejected("card_txn_date_invalid", f"transaction date {txn_date} is not today ({today})")
-        card = self._active_card(pan)
+        card = self._active_card(pan, card)
         try:
             data = cg.TransactionData(amount_authorised_fen=amount_fen, txn_date=txn_date,
                                       unpredictable_number=un, atc=atc, terminal_id=terminal_id)
@@ -169,7 +175,7 @@ class CardService:
         arpc = cg.generate_arpc(self.issuer_mk, pan, card.pan_seq, arqc, cg.ARC_APPROVED)
         return Authorisation(pan, card.psn_no, "card", atc, arpc.hex().upper())
 
-    def _authorise_qr(self, auth: dict, *, amount_fen: int) -> Authorisation:
+    def _authorise_qr(self, auth: dict, *, amount_fen: int, card=None) -> Authorisation:
         from card import cpm
 
         payload = auth.get("payload")
@@ -179,7 +185,7 @@ class CardService:
             parsed = cpm.parse_cpm_payload(payload)
         except ValueError as exc:
             raise Invalid("qr_payload_malformed", str(exc)) from None
-        card = self._active_card(parsed.pan)
+        card = self._active_card(parsed.pan, card)
         now_s = self.clock_us() // 1_000_000
         if (parsed.psn or "00") != card.pan_seq:
             raise Rejected("arqc_mismatch", "QR code: PAN sequence number does not match the card")
@@ -196,11 +202,30 @@ class CardService:
         return Authorisation(parsed.pan, card.psn_no, "qr", parsed.atc)
 
     def _advance_atc(self, pan: str, atc: int) -> None:
-        with write_connection(self.engine) as conn:
-            done = conn.execute(update(cards).where(cards.c.pan == pan, cards.c.status == "active",
-                                                    (cards.c.last_atc.is_(None)) | (cards.c.last_atc < atc))
-                                .values(last_atc=atc)).rowcount
+        """Accept ATC ``atc`` of card ``pan`` once (compare-and-set ``last_atc < atc`` on an active
+        card; EMV Book 2: an ATC at or below the last accepted one is a replay). One autocommit
+        statement on PostgreSQL, never retried after a lost connection (a retry could not tell
+        its own first write from a replay). Raises Rejected ``atc_replayed``."""
+        if is_sqlite(self.engine):
+            with write_connection(self.engine) as conn:
+                done = conn.execute(update(cards).where(cards.c.pan == pan, cards.c.status == "active",
+                                                        (cards.c.last_atc.is_(None)) | (cards.c.last_atc < atc))
+                                    .values(last_atc=atc)).rowcount
+        else:
+            from ledger.store_pg import run_prepared, text_literal
+
+            res = run_prepared(self.engine, _ADVANCE_STATEMENTS,
+                               f"EXECUTE {_ADVANCE}({text_literal(pan)}, {int(atc)})", idempotent=False)[-1]
+            done = res.command_tuples
         if done != 1:
             raise Rejected("atc_replayed", f"card {pan}: ATC {atc} was already used")
+
+
+_ADVANCE = "card_advance_atc_v1"
+_ADVANCE_STATEMENTS = {_ADVANCE: f"""
+PREPARE {_ADVANCE} (text, int) AS
+UPDATE cards SET last_atc = $2
+WHERE pan = $1 AND status = 'active' AND (last_atc IS NULL OR last_atc < $2)
+"""}
 
 

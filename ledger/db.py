@@ -48,12 +48,14 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 24) -> Engine:
     """Create an Engine for ``url`` (``sqlite:///path`` or ``postgresql://…``).
 
     SQLite: WAL, ``synchronous=FULL``, foreign keys on, 30 s busy timeout, driver autocommit off
     so that SQLAlchemy's ``begin`` event emits our own BEGIN (deferred or IMMEDIATE).
-    PostgreSQL: a pool of ``pool_size`` (+ as many overflow) psycopg 3 connections.
+    PostgreSQL: a pool of ``pool_size`` (+ as many overflow) psycopg 3 connections — as many
+    as the threads that use it at once, so that busy moments do not open and close connections
+    (a PostgreSQL backend costs milliseconds to start).
     """
     url = normalise_url(url)
     if url.startswith("sqlite"):

@@ -23,6 +23,7 @@ entries), the expiry sweeper, the hash-chain seals and :meth:`Ledger.verify` liv
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import threading
@@ -40,7 +41,7 @@ from ledger.model import (INT32_MAX, KEY_LENGTH_MAX, TRANSFER_KEY_LENGTH_MAX, Ac
                           AccountResult, AccountSpec, Balance, EntryOutcome, EntrySpec, TransferFlags)
 from ledger.money import AMOUNT_FEN_MAX, CURRENCY_EXPONENTS
 from ledger.store_pg import (BEGIN_BARE, BEGIN_SHARED, PG_IDLE, HotPool, PgStore, execute as pg_execute,
-                             seal_watermark)
+                             seal_watermark, text_literal)
 from ledger.store_sqlite import SqliteStore
 
 BATCH_ENTRIES_MAX = 4096
@@ -236,7 +237,7 @@ class Ledger:
                 ids = self._store.persist(conn, plan, commit=False) if plan.writes else ([], [])
                 outcomes = finish(batch, plan, *ids)
                 if run_hooks:
-                    _call_hooks(conn, hooks, plan, outcomes)
+                    _call_hooks(conn, None, hooks, plan, outcomes)
                 return outcomes, plan.expired_count
 
             return run_with_retry(self.engine, work_sqlite, retries_max=self.retries_max)
@@ -254,11 +255,11 @@ class Ledger:
                 ids = ([], [])
             outcomes = finish(batch, plan, *ids)
             if run_hooks:
-                _call_hooks(conn, hooks, plan, outcomes)
+                _call_hooks(conn, raw, hooks, plan, outcomes)
                 pg_execute(raw, "COMMIT")
             return outcomes, plan.expired_count
 
-        return self._store.run(self.engine, work_pg, self.retries_max, with_sa=hooks is not None)
+        return self._store.run(self.engine, work_pg, self.retries_max, with_sa=_needs_sa(hooks))
 
     # ------------------------------------------------------------------ pipelined (group commit)
     def speculate(self, batch: Sequence[Prepared], overlay: dict[int, tuple],
@@ -275,7 +276,7 @@ class Ledger:
         if not any(h is not None for h in hooks or ()):
             hooks = None
         conn = held = pool = None
-        if hooks is not None:
+        if _needs_sa(hooks):
             conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             raw, info, begin = conn.connection.driver_connection, conn.connection.info, BEGIN_SHARED
         else:
@@ -330,7 +331,7 @@ class Ledger:
                 ids = ([], [])
             outcomes = finish(spec.batch, plan, *ids)
             if run_hooks:
-                _call_hooks(spec.conn, spec.hooks, plan, outcomes)
+                _call_hooks(spec.conn, raw, spec.hooks, plan, outcomes)
                 pg_execute(raw, "COMMIT")
             failed = False
             return outcomes
@@ -373,31 +374,42 @@ class Ledger:
     def balances(self, names: Sequence[str], *, as_of_us: int | None = None) -> dict[str, Balance]:
         """Balances of several accounts by name (see :meth:`balance`); ``KeyError`` names the
         first unknown account."""
-        out: dict[str, Balance] = {}
         now = self.now_us()
         with self.engine.connect() as conn:
-            rows = []
-            for chunk in _chunks(list(dict.fromkeys(names))):
-                rows += conn.execute(text(
-                    "SELECT a.id, a.name, a.kind, a.debits_pending, a.debits_posted, a.credits_pending, "
-                    "a.credits_posted, "
-                    " (SELECT coalesce(sum(p.amount), 0) FROM ledger_pending p WHERE p.state = 1 "
-                    "   AND p.expires_ts <= :now AND p.debit_account_id = a.id), "
-                    " (SELECT coalesce(sum(p.amount), 0) FROM ledger_pending p WHERE p.state = 1 "
-                    "   AND p.expires_ts <= :now AND p.credit_account_id = a.id) "
-                    "FROM ledger_accounts a WHERE a.name IN :names").bindparams(
-                        _expanding("names")), {"now": now, "names": chunk}).all()
-            found = {r.name: r for r in rows}
-            for n in names:
-                if n not in found:
-                    raise KeyError(f"unknown account {n!r}")
-            for r in found.values():
-                if as_of_us is None:
-                    out[r.name] = Balance(r.name, AccountKind(r.kind), r.debits_pending - int(r[7]),
-                                          r.debits_posted, r.credits_pending - int(r[8]), r.credits_posted)
-                else:
+            if as_of_us is None:
+                out = self.balances_on(conn, names, now)
+            else:
+                out = {}
+                for r in self._account_rows(conn, names, now):
                     out[r.name] = Balance(r.name, AccountKind(r.kind), *_balance_as_of(conn, r.id, as_of_us))
+        for n in names:
+            if n not in out:
+                raise KeyError(f"unknown account {n!r}")
         return out
+
+    @staticmethod
+    def _account_rows(conn: Connection, names: Sequence[str], now_us: int) -> list:
+        rows = []
+        for chunk in _chunks(list(dict.fromkeys(names))):
+            rows += conn.execute(text(
+                "SELECT a.id, a.name, a.kind, a.debits_pending, a.debits_posted, a.credits_pending, "
+                "a.credits_posted, "
+                " (SELECT coalesce(sum(p.amount), 0) FROM ledger_pending p WHERE p.state = 1 "
+                "   AND p.expires_ts <= :now AND p.debit_account_id = a.id), "
+                " (SELECT coalesce(sum(p.amount), 0) FROM ledger_pending p WHERE p.state = 1 "
+                "   AND p.expires_ts <= :now AND p.credit_account_id = a.id) "
+                "FROM ledger_accounts a WHERE a.name IN :names").bindparams(
+                    _expanding("names")), {"now": now_us, "names": chunk}).all()
+        return rows
+
+    @classmethod
+    def balances_on(cls, conn: Connection, names: Sequence[str], now_us: int) -> dict[str, Balance]:
+        """Current balances of the accounts of ``names`` that exist, read on ``conn`` (the
+        caller's connection and transaction); pending holds past their timeout at ``now_us``
+        (µs) no longer count. Unknown names are left out."""
+        return {r.name: Balance(r.name, AccountKind(r.kind), r.debits_pending - int(r[7]), r.debits_posted,
+                                r.credits_pending - int(r[8]), r.credits_posted)
+                for r in cls._account_rows(conn, names, now_us)}
 
     def statement(self, name: str, *, after_id: int = 0, limit: int = 100) -> list[StatementLine]:
         """An account's transfers with id greater than ``after_id`` (paging: pass the last
@@ -721,10 +733,52 @@ def _rollback_quietly(raw) -> None:
         pass
 
 
-def _call_hooks(conn, hooks, plan, outcomes: list[EntryOutcome]) -> None:
+class InsertRows:
+    """An entry hook that inserts ``rows`` (dicts of every column's value) into ``table`` (an
+    SQLAlchemy Table) in the entry's transaction. The InsertRows hooks of one batch are merged
+    per table into ONE multi-row INSERT after the batch's other hooks: on PostgreSQL one
+    ``INSERT … SELECT * FROM json_populate_recordset(…)`` sent on the batch's own connection (a
+    batch whose hooks are all InsertRows needs no SQLAlchemy connection at all), on SQLite one
+    executemany. A failing insert rolls back the whole batch, as any hook raising does."""
+
+    __slots__ = ("table", "rows")
+
+    def __init__(self, table, rows: list[dict]) -> None:
+        self.table = table
+        self.rows = rows
+
+    def __call__(self, conn, _outcome) -> None:
+        conn.execute(insert(self.table), self.rows)
+
+
+def _needs_sa(hooks) -> bool:
+    """True when a hook other than :class:`InsertRows` needs an SQLAlchemy connection."""
+    return hooks is not None and any(h is not None and type(h) is not InsertRows for h in hooks)
+
+
+def _json_value(value):
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not a column value InsertRows can send")
+
+
+def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:
+    """Run the hooks of the newly posted entries: others in order on ``conn`` (SQLAlchemy), then
+    the merged :class:`InsertRows` — on ``raw`` (psycopg, PostgreSQL) when given."""
+    merged: dict = {}
     for hook, r, outcome in zip(hooks, plan.results, outcomes):
         if hook is not None and type(r) is tuple and r[0] == "new":
-            hook(conn, outcome)
+            if type(hook) is InsertRows:
+                merged.setdefault(hook.table, []).extend(hook.rows)
+            else:
+                hook(conn, outcome)
+    for table, rows in merged.items():
+        if raw is None:
+            conn.execute(insert(table), rows)
+        else:
+            doc = json.dumps(rows, default=_json_value, ensure_ascii=False, separators=(",", ":"))
+            pg_execute(raw, f'INSERT INTO "{table.name}" SELECT * FROM json_populate_recordset('
+                            f'NULL::"{table.name}", {text_literal(doc)})')
 
 
 def _expanding(name: str):

@@ -42,11 +42,12 @@ statement — and aborts unless their balances are the ones the batch was decide
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from psycopg import errors as pg_errors, generators, pq
 from sqlalchemy import Engine, event
@@ -294,6 +295,88 @@ def execute(raw, sql: str) -> list:
         if res.status == _FATAL:
             raise pg_errors.error_from_result(res, encoding="utf-8")
     return results
+
+
+def text_literal(value: str) -> str:
+    """An SQL string literal for ``value`` (``standard_conforming_strings = on``, which the
+    ledger checks on its first connection). Raises ``ValueError`` for a NUL character, which a
+    PostgreSQL text value cannot hold."""
+    if "\x00" in value:
+        raise ValueError("a NUL character cannot be sent as text")
+    return "'" + value.replace("'", "''") + "'"
+
+
+@contextlib.contextmanager
+def hot_connection(engine: Engine) -> Iterator[tuple]:
+    """``(raw, info)``: a psycopg connection in autocommit mode for a few statements sent with
+    :func:`execute` — from the engine's :class:`HotPool`, or borrowed from the engine's pool when
+    every hot connection is busy — and its per-session ``info`` dict (to remember which
+    statements it has prepared, see :func:`ensure_prepared`). A connection left broken or in a
+    transaction is dropped, never reused."""
+    pool = HotPool.of(engine)
+    held = pool.get()
+    if held is not None:
+        try:
+            yield held.raw, held.info
+        finally:
+            pool.put(held)
+        return
+    fairy = engine.raw_connection()
+    try:
+        raw = fairy.driver_connection
+        raw.autocommit = True
+        try:
+            yield raw, fairy.info
+        finally:
+            if not raw.closed and raw.pgconn.transaction_status == _IDLE:
+                raw.autocommit = False
+            else:
+                fairy.invalidate()
+    finally:
+        fairy.close()
+
+
+def ensure_prepared(raw, info: dict, statements: dict[str, str]) -> None:
+    """PREPARE each of ``statements`` (name -> ``PREPARE name (…) AS …`` text) that this session
+    lacks; remembered in ``info`` so that a session checks once. Call :func:`forget_prepared`
+    when a statement turns out missing (SQLSTATE 26000: a ``DISCARD ALL`` dropped it)."""
+    tag = "prepared:" + ",".join(statements)
+    if info.get(tag):
+        return
+    names = ", ".join(text_literal(n) for n in statements)
+    res = execute(raw, f"SELECT name FROM pg_prepared_statements WHERE name IN ({names})")[0]
+    present = {res.get_value(i, 0).decode() for i in range(res.ntuples)}
+    for name, sql in statements.items():
+        if name not in present:
+            execute(raw, sql)
+    info[tag] = True
+
+
+def forget_prepared(info: dict, statements: dict[str, str]) -> None:
+    """Make the next :func:`ensure_prepared` of ``statements`` on this session check again."""
+    info.pop("prepared:" + ",".join(statements), None)
+
+
+def run_prepared(engine: Engine, statements: dict[str, str], sql: str, *, idempotent: bool = True) -> list:
+    """Send ``sql`` (which EXECUTEs some of ``statements``) on a hot connection in autocommit
+    mode and return the libpq results. Retries once when a prepared statement had vanished
+    (26000: nothing ran) and, when ``idempotent``, when the connection was lost; other errors
+    propagate."""
+    for attempt in (1, 2):
+        try:
+            with hot_connection(engine) as (raw, info):
+                ensure_prepared(raw, info, statements)
+                try:
+                    return execute(raw, sql)
+                except Exception as exc:
+                    if getattr(exc, "sqlstate", None) == "26000":
+                        forget_prepared(info, statements)
+                    raise
+        except Exception as exc:
+            lost = is_retryable(exc) or isinstance(exc, pg_errors.OperationalError)
+            if attempt == 2 or not (getattr(exc, "sqlstate", None) == "26000" or (idempotent and lost)):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class PgStore:

@@ -38,11 +38,12 @@ from card.service import CardService
 from ledger.errors import Conflict, Invalid, NotFound, Rejected
 from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryResult, EntrySpec,
                           TransferResult, TransferSpec)
-from ledger.store import Ledger
+from ledger.store import InsertRows, Ledger
 from settlement import chart
 from settlement.catalogue import Catalogue
 from settlement.days import BusinessDays
-from settlement.policy import PolicyBook, PolicyNotFound
+from settlement.policy import INPATIENT_MED_TYPES, PolicyBook, PolicyNotFound
+from settlement.reads import SettleContext, load_context, usable_pan
 from settlement.schema import settlements
 from settlement.split import (BillLine, PersonState, SplitInputError, parse_bill_lines, partial_refund,
                               split_visit)
@@ -142,6 +143,26 @@ def undo_key(setl_id: str) -> str:
 def derived_id(prefix: str, key: str) -> str:
     """A stable id derived from an idempotency key (the same key always gives the same id)."""
     return prefix + hashlib.sha256(key.encode()).hexdigest()[:24].upper()
+
+
+def _state_accounts(psn_no: str, year: int, mdtrt_id: str, inpatient: bool) -> dict[str, str]:
+    """The accounts a split reads (``STATE_KEYS`` -> account name). Outpatient and inpatient
+    care have separate annual caps, so the fund-paid accumulators are kept per care class
+    (``op`` / ``ip``); the outpatient deductible is per year, the inpatient one per admission
+    (``mdtrt_id``; an outpatient visit has no such account, which would otherwise be one more
+    per visit). Known from the request alone, so they are read in the same round trip as the
+    person (whose insurance type decides only the funds, which are not read)."""
+    care = "ip" if inpatient else "op"
+    names = {
+        "dedc": chart.accumulator("dedc", psn_no, year),
+        "hifp": chart.accumulator(f"hifp_{care}", psn_no, year),
+        "hifmi": chart.accumulator(f"hifmi_{care}", psn_no, year),
+        "admissions": chart.accumulator("admissions", psn_no, year),
+        "personal": chart.personal_account(psn_no),
+    }
+    if inpatient:
+        names["adm_dedc"] = chart.accumulator("adm_dedc", psn_no, mdtrt_id)
+    return names
 
 
 class AccountCache:
@@ -278,46 +299,61 @@ class SettlementService:
         return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).year
 
     def _accounts_for(self, citizen, year: int, mdtrt_id: str, policy) -> dict[str, str]:
-        """The accounts a visit reads and moves. Outpatient and inpatient care have separate
-        annual caps, so the fund-paid accumulators are kept per care class (``op`` / ``ip``);
-        the outpatient deductible is per year, the inpatient one per admission (``mdtrt_id``; an
-        outpatient visit has no such account, which would otherwise be one more per visit)."""
-        psn = citizen.psn_no
-        care = "ip" if policy.is_inpatient else "op"
-        names = {
-            "dedc": chart.accumulator("dedc", psn, year),
-            "hifp": chart.accumulator(f"hifp_{care}", psn, year),
-            "hifmi": chart.accumulator(f"hifmi_{care}", psn, year),
-            "admissions": chart.accumulator("admissions", psn, year),
-            "personal": chart.personal_account(psn),
-            "pooled": chart.fund_account(chart.POOLED_FUND[citizen.insutype]),
-            "second": chart.fund_account(chart.SECOND_TIER_FUND[citizen.insutype]),
-        }
-        if policy.is_inpatient:
-            names["adm_dedc"] = chart.accumulator("adm_dedc", psn, mdtrt_id)
+        """The accounts a visit reads (:func:`_state_accounts`) and moves (plus the funds of
+        the person's insurance type)."""
+        names = _state_accounts(citizen.psn_no, year, mdtrt_id, policy.is_inpatient)
+        names["pooled"] = chart.fund_account(chart.POOLED_FUND[citizen.insutype])
+        names["second"] = chart.fund_account(chart.SECOND_TIER_FUND[citizen.insutype])
         return names
 
     def _read_state(self, names: dict[str, str]) -> tuple[PersonState, dict[str, int]]:
         """The person's state and the posted net of each account read (``STATE_KEYS`` order:
         the entry asserts exactly these)."""
         keys = [k for k in STATE_KEYS if k in names]
-        bal = self.ledger.balances([names[k] for k in keys])
-        net = {k: bal[names[k]].credits_posted - bal[names[k]].debits_posted for k in keys}
+        return self._state_of(names, self.ledger.balances([names[k] for k in keys]))
+
+    @staticmethod
+    def _state_of(names: dict[str, str], bal: dict) -> tuple[PersonState, dict[str, int]]:
+        """:meth:`_read_state` from balances already read (name -> Balance); an account missing
+        from ``bal`` did not exist when read, so it stood at zero (the entry asserts that)."""
+        keys = [k for k in STATE_KEYS if k in names]
+        net = {}
+        for k in keys:
+            b = bal.get(names[k])
+            net[k] = 0 if b is None else b.credits_posted - b.debits_posted
+        personal = bal.get(names["personal"])
         state = PersonState(deductible_used_ytd_fen=net["dedc"], fund_paid_ytd_fen=net["hifp"],
-                            personal_account_balance_fen=bal[names["personal"]].available,
+                            personal_account_balance_fen=0 if personal is None else personal.available,
                             admissions_ytd=net["admissions"], serious_illness_paid_ytd_fen=net["hifmi"],
                             admission_deductible_used_fen=net.get("adm_dedc", 0))
         return state, net
+
+    def _context(self, ctx: TerminalContext, visit: Visit, year: int, pan: str | None = None) -> SettleContext:
+        """One round trip: idempotency, the person, their state accounts and the card
+        (:func:`settlement.reads.load_context`)."""
+        names = _state_accounts(visit.psn_no, year, visit.mdtrt_id, visit.med_type in INPATIENT_MED_TYPES)
+        return load_context(self.engine, org_code=ctx.org_code, mdtrt_id=visit.mdtrt_id, chrg_bchno=visit.chrg_bchno,
+                            msgid=visit.msgid, psn_no=visit.psn_no, account_names=list(names.values()),
+                            now_us=self.clock_us(),
+                            pan=pan)
+
+    @staticmethod
+    def _citizen_of(sc: SettleContext, psn_no: str):
+        if sc.citizen is None:
+            raise NotFound("person_not_found", f"no insured person {psn_no}")
+        return sc.citizen
 
     # ------------------------------------------------------------------ pre-settlement
     def presettle(self, ctx: TerminalContext, req: dict) -> dict:
         """NHSA 2206/2303: the split of the bill for the person now; moves nothing."""
         visit = self.parse_visit(req)
-        citizen = self.cards.citizen(visit.psn_no)
+        year = self.insu_year()
+        sc = self._context(ctx, visit, year)
+        citizen = self._citizen_of(sc, visit.psn_no)
         policy = self._policy(ctx, citizen, visit.med_type)
-        names = self._accounts_for(citizen, self.insu_year(), visit.mdtrt_id, policy)
+        names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         self.accounts.ensure(list(names.values()))
-        state, _ = self._read_state(names)
+        state, _ = self._state_of(names, sc.balances)
         result = self._split(policy, state, visit)
         doc = result.to_dict()
         doc.update(msgid=visit.msgid, mdtrt_id=visit.mdtrt_id, chrg_bchno=visit.chrg_bchno,
@@ -362,30 +398,34 @@ class SettlementService:
         with another bill; msgid reused), Rejected (card checks; ``insufficient_funds`` 402;
         ``amount_mismatch`` 409 when the card authorised another amount than is now due)."""
         visit = self.parse_visit(req)
-        replay = self._replay_or_conflict(ctx, visit)
-        if replay is not None:
-            return replay
-        citizen = self.cards.citizen(visit.psn_no)
-        policy = self._policy(ctx, citizen, visit.med_type)
+        method = visit.payment["method"]
         year = self.insu_year()
+        sc = self._context(ctx, visit, year, usable_pan(visit.payment.get("pan")) if method == "card" else None)
+        if sc.taken:
+            replay = self._replay_or_conflict(ctx, visit)
+            if replay is not None:
+                return replay
+        citizen = self._citizen_of(sc, visit.psn_no)
+        policy = self._policy(ctx, citizen, visit.med_type)
         names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         payable = chart.clinic_payable(ctx.org_code)
         self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
         business_date = self.days.current()
         entry_key = f"setl:{ctx.org_code}:{visit.mdtrt_id}:{visit.chrg_bchno}"
         setl_id = derived_id("S", entry_key)
-        method = visit.payment["method"]
         auth = None
         authorised_fen = None
         for _attempt in range(ATTEMPTS_MAX):
-            state, net = self._read_state(names)
+            if _attempt:  # a concurrent settlement of this person moved their accounts: read again
+                sc = self._context(ctx, visit, year)
+            state, net = self._state_of(names, sc.balances)
             result = self._split(policy, state, visit)
             info = result.setlinfo
             wallet_pay = info.psn_cash_pay if method in ("card", "qr") else 0
             if wallet_pay and auth is None:
                 try:
                     auth = self.cards.authorise(visit.payment, amount_fen=wallet_pay, terminal_id=ctx.terminal_id,
-                                                today=business_date)
+                                                today=business_date, card=sc.card)
                 except Rejected as exc:
                     # A copy of this very request may have settled it meanwhile (the terminal
                     # resent it): then its counter is used and the amount due has changed.
@@ -422,7 +462,7 @@ class SettlementService:
                 transfers=tuple(TransferSpec(f"{entry_key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
                 metadata={"setl_id": setl_id, "legs_from": 0},
                 assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
-            outcome = self.submit(entry, lambda conn, _o, row=row: conn.execute(insert(settlements), [row]))
+            outcome = self.submit(entry, InsertRows(settlements, [row]))
             if outcome.ok:
                 return self._replay_or_conflict(ctx, visit) if outcome.replayed else doc
             if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:
@@ -580,7 +620,7 @@ class SettlementService:
             entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
                               transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
                               metadata={"setl_id": cancel_id, "legs_from": 0})
-            outcome = self.submit(entry, lambda conn, _o: conn.execute(insert(settlements), [row]))
+            outcome = self.submit(entry, InsertRows(settlements, [row]))
             if not outcome.ok or outcome.replayed:  # a replay: a concurrent cancellation, maybe another msgid's
                 done = self._find_reversal(orig, msgid)
                 if done is not None:
@@ -705,8 +745,7 @@ class SettlementService:
                         return done
                     raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
                 return self._refund_document(new_row, info0, info, replayed=False)
-            outcome = self.submit(entry, lambda conn, _o, rows=[cancel_row, new_row]:
-                                  conn.execute(insert(settlements), rows))
+            outcome = self.submit(entry, InsertRows(settlements, [cancel_row, new_row]))
             if outcome.ok and outcome.replayed:  # a concurrent refund posted it, maybe under another msgid
                 done = self._find_reversal(orig, msgid)
                 if done is not None:

@@ -22,6 +22,7 @@ from card.service import CardService
 from ledger.errors import Conflict, Invalid, NotFound, Rejected
 from ledger.model import EntryOutcome, EntryResult, EntrySpec, TransferResult, TransferSpec
 from ledger.money import AMOUNT_FEN_MAX
+from ledger.store import InsertRows
 from settlement import chart
 from settlement.days import BusinessDays
 from settlement.schema import payments, recharges
@@ -93,7 +94,7 @@ class WalletService:
                    entry_key=key, created_ts=self.clock_us())
         entry = EntrySpec(key=key, kind="recharge",
                           transfers=(TransferSpec(f"{key}/0", clearing, chart.wallet_account(pan), amount),))
-        outcome = self.submit(entry, lambda conn, _o: conn.execute(insert(recharges), [row]))
+        outcome = self.submit(entry, InsertRows(recharges, [row]))
         return self._finish(outcome, recharges, msgid, request_hash, row)
 
     def pay(self, ctx: TerminalContext, req: dict) -> dict:
@@ -135,7 +136,7 @@ class WalletService:
                    request_hash=request_hash, entry_key=key, created_ts=self.clock_us())
         entry = EntrySpec(key=key, kind="payment",
                           transfers=(TransferSpec(f"{key}/0", chart.wallet_account(auth.pan), payable, amount),))
-        outcome = self.submit(entry, lambda conn, _o: conn.execute(insert(payments), [row]))
+        outcome = self.submit(entry, InsertRows(payments, [row]))
         doc = self._finish(outcome, payments, msgid, request_hash, row)
         doc["arpc"] = auth.arpc_hex
         return doc
