@@ -191,8 +191,43 @@ def drive(c, citizens: list[Citizen], bills: list[list[dict]], threads: int, sec
     return total["settled"] / elapsed, total
 
 
+def _child(url: str, tmp: str, catalogue: str, part: list[tuple], threads: int, seconds: float, prefix: str,
+           card_share: float, group_commit: bool, barrier, results) -> None:
+    """One engine process of a ``--processes`` run: its own engine and group committer on the
+    same database, its own share of the persons (a card is used by one process only, so its
+    ATCs arrive in order); warms up, waits for the others, measures, reports."""
+    from api.bootstrap import bootstrap
+    from api.settings import Settings
+    from simulators.cards import SimulatedCard
+
+    settings = Settings(db_url=url, nonce_url="memory://", keys_file=str(Path(tmp) / "keys.json"),
+                        catalogue=catalogue, create_keys=False, group_commit=group_commit)
+    c = bootstrap(settings)
+    try:
+        citizens = [Citizen(psn_no, SimulatedCard(issuer_mk=c.keys.issuer_mk, pan=pan, psn="01", card_id="0" * 32,
+                                                  card_number=number, ssn=certno, name="基准"))
+                    for psn_no, pan, certno, number in part]
+        bills = realistic_bills(Path(catalogue), BILLS)
+        drive(c, citizens, bills, threads, min(2.0, seconds / 5), f"W{prefix}", card_share)  # warm-up
+        committer = c.committer
+        b0, e0 = (committer.batches, committer.entries) if committer else (0, 0)
+        barrier.wait()
+        rate, outcomes = drive(c, citizens, bills, threads, seconds, f"M{prefix}", card_share)
+        batches, entries = (committer.batches - b0, committer.entries - e0) if committer else (0, 0)
+        results.put((rate, dict(outcomes), batches, entries))
+    except BaseException as exc:  # reported to the parent, never hidden
+        results.put(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+        raise
+    finally:
+        c.close()
+
+
 def bench_service(url: str, seconds: float, threads: int, persons: int, card_share: float, *,
-                  group_commit: bool, label: str) -> dict[str, float]:
+                  group_commit: bool, label: str, processes: int = 1) -> dict[str, float]:
+    """Settlements per second through ``processes`` engine processes (each with
+    ``threads // processes`` cashier threads and its own group committer) on one database."""
+    import multiprocessing
+
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         catalogue = tmp / "catalogue.csv"
@@ -203,20 +238,44 @@ def bench_service(url: str, seconds: float, threads: int, persons: int, card_sha
         c, citizens = setup_engine(url, tmp, catalogue, persons, group_commit=group_commit, threads=threads)
         setup_s = time.perf_counter() - t0
         try:
-            drive(c, citizens, bills, threads, min(2.0, seconds / 5), f"W{label[:1]}", card_share)  # warm-up
-            committer = c.committer
-            b0, e0 = (committer.batches, committer.entries) if committer else (0, 0)
-            rate, outcomes = drive(c, citizens, bills, threads, seconds, f"M{label[:1]}", card_share)
-            figures = {f"{label}settlements_per_s": rate, f"{label}setup_s": setup_s}
-            if committer:
-                batches = committer.batches - b0
-                figures[f"{label}batch_mean"] = (committer.entries - e0) / max(1, batches)
+            figures = {f"{label}setup_s": setup_s}
+            if processes <= 1:
+                drive(c, citizens, bills, threads, min(2.0, seconds / 5), f"W{label[:1]}", card_share)  # warm-up
+                committer = c.committer
+                b0, e0 = (committer.batches, committer.entries) if committer else (0, 0)
+                rate, outcomes = drive(c, citizens, bills, threads, seconds, f"M{label[:1]}", card_share)
+                batches, entries = (committer.batches - b0, committer.entries - e0) if committer else (0, 0)
+            else:
+                if c.committer is not None:
+                    c.committer.close()  # the parent only set up; the children settle
+                mp = multiprocessing.get_context("spawn")
+                barrier, results = mp.Barrier(processes), mp.Queue()
+                per = max(1, threads // processes)
+                children = []
+                for k in range(processes):
+                    part = [(z.psn_no, z.card.pan, z.card.ssn, z.card.card_number) for z in citizens[k::processes]]
+                    children.append(mp.Process(target=_child, args=(
+                        url, str(tmp), str(catalogue), part, per, seconds, f"{label[:1]}{k}", card_share,
+                        group_commit, barrier, results), daemon=True))
+                for child in children:
+                    child.start()
+                reports = [results.get(timeout=seconds * 4 + 120) for _ in children]
+                for child in children:
+                    child.join(30)
+                failed = [r for r in reports if isinstance(r, BaseException)]
+                if failed:
+                    raise SystemExit(f"an engine process failed: {failed[0]!r}")
+                rate = sum(r[0] for r in reports)
+                outcomes = sum((collections.Counter(r[1]) for r in reports), collections.Counter())
+                batches, entries = sum(r[2] for r in reports), sum(r[3] for r in reports)
+            figures[f"{label}settlements_per_s"] = rate
+            if batches:
+                figures[f"{label}batch_mean"] = entries / batches
             refused = {k: v for k, v in outcomes.items() if k != "settled"}
             figures[f"{label}refused"] = float(sum(refused.values()))
             if refused:
                 print(f"{label or 'group commit '}outcomes other than settled: {dict(refused)}", file=sys.stderr)
-            problems = c.ledger.trial_balance()
-            if not problems.balanced:
+            if not c.ledger.trial_balance().balanced:
                 raise SystemExit("the trial balance does not balance after the benchmark")
         finally:
             c.close()
@@ -232,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--persons", type=int, default=2000, help="distinct insured persons")
     parser.add_argument("--card-share", type=float, default=0.5,
                         help="share of visits whose cash part the card wallet pays (pre-settle + ARQC)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="engine processes sharing the database and the --threads (each its own committer)")
     parser.add_argument("--compare-direct", action="store_true",
                         help="also measure without the group committer (one transaction per settlement)")
     args = parser.parse_args(argv)
@@ -254,14 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         figures["pgbench_tpcb"] = run_pgbench(scratch_url, args.seconds)
         print(f"pgbench TPC-B: {figures['pgbench_tpcb']:.0f} tps", file=sys.stderr)
         figures.update(bench_service(scratch_url, args.seconds, args.threads, args.persons, args.card_share,
-                                     group_commit=True, label=""))
+                                     group_commit=True, label="", processes=args.processes))
         print(f"settlements: {figures['settlements_per_s']:.0f}/s", file=sys.stderr)
         if args.compare_direct:
             with psycopg.connect(admin_url, autocommit=True) as conn:  # a fresh database for the second run
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 conn.execute(f'CREATE DATABASE "{name}"')
             figures.update(bench_service(scratch_url, args.seconds, args.threads, args.persons, args.card_share,
-                                         group_commit=False, label="direct_"))
+                                         group_commit=False, label="direct_", processes=args.processes))
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

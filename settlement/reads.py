@@ -51,8 +51,8 @@ class CardRef:
 
 @dataclass(frozen=True, slots=True)
 class SettleContext:
-    """One settlement's reads. ``taken``: a settlement of this (clinic, visit, batch) exists, or
-    a row of this clinic uses the message id (the caller then takes the replay path);
+    """One settlement's reads. ``taken``: a settlement of this (clinic, visit, batch) exists (a
+    row with its entry key), or a row of this clinic uses the message id (the caller then takes the replay path);
     ``citizen`` / ``card`` are None when unknown; ``balances`` holds every account named that
     exists (pending holds past their timeout no longer count)."""
 
@@ -62,24 +62,23 @@ class SettleContext:
     card: CardRef | None
 
 
-_STATEMENT = "settle_context_v1"
+_STATEMENT = "settle_context_v2"
 _STATEMENTS = {_STATEMENT: f"""
-PREPARE {_STATEMENT} (text, text, text, text, text, text[], bigint, text) AS
+PREPARE {_STATEMENT} (text, text, text, text, text[], bigint, text) AS
 SELECT
-  EXISTS (SELECT 1 FROM settlements s WHERE s.fixmedins_code = $1 AND s.mdtrt_id = $2
-                                        AND s.chrg_bchno = $3 AND s.kind = 'settlement')
-  OR EXISTS (SELECT 1 FROM settlements s WHERE s.fixmedins_code = $1 AND s.msgid = $4),
-  (SELECT json_build_array(c.insutype, c.retired) FROM citizens c WHERE c.psn_no = $5),
+  EXISTS (SELECT 1 FROM settlements s WHERE s.entry_key = $2)
+  OR EXISTS (SELECT 1 FROM settlements s WHERE s.fixmedins_code = $1 AND s.msgid = $3),
+  (SELECT json_build_array(c.insutype, c.retired) FROM citizens c WHERE c.psn_no = $4),
   (SELECT json_agg(json_build_array(
       a.name, a.kind,
       a.debits_pending - (SELECT coalesce(sum(p.amount), 0) FROM ledger_pending p
-                          WHERE p.state = 1 AND p.expires_ts <= $7 AND p.debit_account_id = a.id),
+                          WHERE p.state = 1 AND p.expires_ts <= $6 AND p.debit_account_id = a.id),
       a.debits_posted,
       a.credits_pending - (SELECT coalesce(sum(p.amount), 0) FROM ledger_pending p
-                           WHERE p.state = 1 AND p.expires_ts <= $7 AND p.credit_account_id = a.id),
+                           WHERE p.state = 1 AND p.expires_ts <= $6 AND p.credit_account_id = a.id),
       a.credits_posted))
-   FROM ledger_accounts a WHERE a.name = ANY($6)),
-  (SELECT json_build_array(k.psn_no, k.pan_seq, k.status, k.last_atc) FROM cards k WHERE k.pan = $8)
+   FROM ledger_accounts a WHERE a.name = ANY($5)),
+  (SELECT json_build_array(k.psn_no, k.pan_seq, k.status, k.last_atc) FROM cards k WHERE k.pan = $7)
 """}
 
 def usable_pan(pan) -> str | None:
@@ -89,16 +88,19 @@ def usable_pan(pan) -> str | None:
     return None
 
 
-def load_context(engine: Engine, *, org_code: str, mdtrt_id: str, chrg_bchno: str, msgid: str, psn_no: str,
+def load_context(engine: Engine, *, org_code: str, entry_key: str, msgid: str, psn_no: str,
                  account_names: list[str], now_us: int, pan: str | None = None) -> SettleContext:
     """Read everything a settlement decides on (see the module docstring) in one round trip on
-    PostgreSQL. ``pan`` (digits; see :func:`usable_pan`) asks for the card too. The ids are
-    the validated request fields (printable text)."""
+    PostgreSQL. The visit's settlement is looked up by its ledger ``entry_key`` (unique, one
+    column: no plan can mistake another index's prefix for it, as a generic plan made while the
+    table was small did with the (clinic, visit, batch) lookup, reading every row of the clinic).
+    ``pan`` (digits; see :func:`usable_pan`) asks for the card too. The ids are the validated
+    request fields (printable text)."""
     if is_sqlite(engine):
-        return _load_sqlite(engine, org_code, mdtrt_id, chrg_bchno, msgid, psn_no, account_names, now_us, pan)
+        return _load_sqlite(engine, org_code, entry_key, msgid, psn_no, account_names, now_us, pan)
     from ledger.store_pg import run_prepared, text_array, text_literal
 
-    args = ", ".join([text_literal(org_code), text_literal(mdtrt_id), text_literal(chrg_bchno),
+    args = ", ".join([text_literal(org_code), text_literal(entry_key),
                       text_literal(msgid), text_literal(psn_no), text_array(account_names), str(int(now_us)),
                       "NULL" if pan is None else text_literal(pan)])
     res = run_prepared(engine, _STATEMENTS, f"EXECUTE {_STATEMENT}({args})")[-1]
@@ -118,18 +120,16 @@ def load_context(engine: Engine, *, org_code: str, mdtrt_id: str, chrg_bchno: st
     return SettleContext(taken, citizen, balances, card)
 
 
-def _load_sqlite(engine: Engine, org_code: str, mdtrt_id: str, chrg_bchno: str, msgid: str, psn_no: str,
+def _load_sqlite(engine: Engine, org_code: str, entry_key: str, msgid: str, psn_no: str,
                  account_names: list[str], now_us: int, pan: str | None) -> SettleContext:
     from ledger.store import Ledger
 
     s = settlements.c
     taken_q = select(exists().where(or_(
-        and_(s.fixmedins_code == bindparam("org"), s.mdtrt_id == bindparam("mdtrt"),
-             s.chrg_bchno == bindparam("batch"), s.kind == "settlement"),
+        s.entry_key == bindparam("entry_key"),
         and_(s.fixmedins_code == bindparam("org"), s.msgid == bindparam("msgid")))))
     with engine.connect() as conn:
-        taken = bool(conn.execute(taken_q, {"org": org_code, "mdtrt": mdtrt_id, "batch": chrg_bchno,
-                                            "msgid": msgid}).scalar())
+        taken = bool(conn.execute(taken_q, {"org": org_code, "entry_key": entry_key, "msgid": msgid}).scalar())
         row = conn.execute(select(citizens.c.insutype, citizens.c.retired)
                            .where(citizens.c.psn_no == psn_no)).first()
         card_row = None

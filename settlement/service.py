@@ -140,6 +140,12 @@ def undo_key(setl_id: str) -> str:
     return f"undo:{setl_id}"
 
 
+def settlement_key(org_code: str, visit: "Visit") -> str:
+    """The ledger entry key of the settlement of (clinic, visit, charge batch); the settlement
+    row carries it too (unique), so it also finds the visit's settlement."""
+    return f"setl:{org_code}:{visit.mdtrt_id}:{visit.chrg_bchno}"
+
+
 def derived_id(prefix: str, key: str) -> str:
     """A stable id derived from an idempotency key (the same key always gives the same id)."""
     return prefix + hashlib.sha256(key.encode()).hexdigest()[:24].upper()
@@ -332,7 +338,7 @@ class SettlementService:
         """One round trip: idempotency, the person, their state accounts and the card
         (:func:`settlement.reads.load_context`)."""
         names = _state_accounts(visit.psn_no, year, visit.mdtrt_id, visit.med_type in INPATIENT_MED_TYPES)
-        return load_context(self.engine, org_code=ctx.org_code, mdtrt_id=visit.mdtrt_id, chrg_bchno=visit.chrg_bchno,
+        return load_context(self.engine, org_code=ctx.org_code, entry_key=settlement_key(ctx.org_code, visit),
                             msgid=visit.msgid, psn_no=visit.psn_no, account_names=list(names.values()),
                             now_us=self.clock_us(),
                             pan=pan)
@@ -411,7 +417,7 @@ class SettlementService:
         payable = chart.clinic_payable(ctx.org_code)
         self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
         business_date = self.days.current()
-        entry_key = f"setl:{ctx.org_code}:{visit.mdtrt_id}:{visit.chrg_bchno}"
+        entry_key = settlement_key(ctx.org_code, visit)
         setl_id = derived_id("S", entry_key)
         auth = None
         authorised_fen = None
