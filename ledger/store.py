@@ -741,11 +741,14 @@ class InsertRows:
     batch whose hooks are all InsertRows needs no SQLAlchemy connection at all), on SQLite one
     executemany. A failing insert rolls back the whole batch, as any hook raising does."""
 
-    __slots__ = ("table", "rows")
+    __slots__ = ("table", "rows", "doc")
 
     def __init__(self, table, rows: list[dict]) -> None:
         self.table = table
         self.rows = rows
+        # Encoded here, in the caller's thread, not in the committer's (which is serial):
+        # the elements of a JSON array, without the brackets.
+        self.doc = json.dumps(rows, default=_json_value, ensure_ascii=False, separators=(",", ":"))[1:-1]
 
     def __call__(self, conn, _outcome) -> None:
         conn.execute(insert(self.table), self.rows)
@@ -769,14 +772,14 @@ def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:
     for hook, r, outcome in zip(hooks, plan.results, outcomes):
         if hook is not None and type(r) is tuple and r[0] == "new":
             if type(hook) is InsertRows:
-                merged.setdefault(hook.table, []).extend(hook.rows)
+                merged.setdefault(hook.table, []).append(hook)
             else:
                 hook(conn, outcome)
-    for table, rows in merged.items():
+    for table, inserts in merged.items():
         if raw is None:
-            conn.execute(insert(table), rows)
+            conn.execute(insert(table), [row for h in inserts for row in h.rows])
         else:
-            doc = json.dumps(rows, default=_json_value, ensure_ascii=False, separators=(",", ":"))
+            doc = "[" + ",".join(h.doc for h in inserts if h.doc) + "]"
             pg_execute(raw, f'INSERT INTO "{table.name}" SELECT * FROM json_populate_recordset('
                             f'NULL::"{table.name}", {text_literal(doc)})')
 
