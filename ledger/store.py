@@ -248,13 +248,16 @@ class Ledger:
         def work_pg(raw, conn: Connection | None, begin: str):
             snap = self._store.begin_and_load(raw, begin, self.now_us(), *lookups, n_entries, n_transfers)
             plan, run_hooks = decide(snap)
+            # Merged row inserts ride in the write's message when no other hook needs a turn.
+            inline = run_hooks and not _needs_sa(hooks)
+            then_sql = _insert_rows_sql(hooks, plan) if inline else ""
             if plan.writes:
-                ids = self._store.persist(raw, plan, snap, commit=not run_hooks)
+                ids = self._store.persist(raw, plan, snap, commit=not run_hooks or inline, then_sql=then_sql)
             else:
                 pg_execute(raw, "COMMIT")  # nothing to write: release the locks
                 ids = ([], [])
             outcomes = finish(batch, plan, *ids)
-            if run_hooks:
+            if run_hooks and not inline:
                 _call_hooks(conn, raw, hooks, plan, outcomes)
                 pg_execute(raw, "COMMIT")
             return outcomes, plan.expired_count
@@ -324,13 +327,16 @@ class Ledger:
         try:
             run_hooks = spec.hooks is not None and any(
                 h is not None and type(r) is tuple and r[0] == "new" for h, r in zip(spec.hooks, plan.results))
+            inline = run_hooks and not _needs_sa(spec.hooks)  # one message: write, inserts, COMMIT
             if plan.writes:
-                ids = self._store.persist(raw, plan, spec.snap, commit=not run_hooks, expected=spec.expected)
+                ids = self._store.persist(raw, plan, spec.snap, commit=not run_hooks or inline,
+                                          expected=spec.expected,
+                                          then_sql=_insert_rows_sql(spec.hooks, plan) if inline else "")
             else:
                 self._store.check_and_commit(raw, spec.expected)
                 ids = ([], [])
             outcomes = finish(spec.batch, plan, *ids)
-            if run_hooks:
+            if run_hooks and not inline:
                 _call_hooks(spec.conn, raw, spec.hooks, plan, outcomes)
                 pg_execute(raw, "COMMIT")
             failed = False
@@ -765,6 +771,17 @@ def _json_value(value):
     raise TypeError(f"{type(value).__name__} is not a column value InsertRows can send")
 
 
+def _insert_rows_sql(hooks, plan) -> str:
+    """The merged :class:`InsertRows` of a batch's newly posted entries as PostgreSQL statements
+    (each ending in ``; ``), to send in the batch's write message; empty when there are none."""
+    merged: dict = {}
+    for hook, r in zip(hooks, plan.results):
+        if type(hook) is InsertRows and type(r) is tuple and r[0] == "new" and hook.doc:
+            merged.setdefault(hook.table.name, []).append(hook.doc)
+    return "".join(f'INSERT INTO "{name}" SELECT * FROM json_populate_recordset(NULL::"{name}", '
+                   f'{text_literal("[" + ",".join(docs) + "]")}); ' for name, docs in merged.items())
+
+
 def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:
     """Run the hooks of the newly posted entries: others in order on ``conn`` (SQLAlchemy), then
     the merged :class:`InsertRows` — on ``raw`` (psycopg, PostgreSQL) when given."""
@@ -776,8 +793,10 @@ def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:
             else:
                 hook(conn, outcome)
     for table, inserts in merged.items():
+        rows = [row for h in inserts for row in h.rows]
         if raw is None:
-            conn.execute(insert(table), [row for h in inserts for row in h.rows])
+            if rows:
+                conn.execute(insert(table), rows)
         else:
             doc = "[" + ",".join(h.doc for h in inserts if h.doc) + "]"
             pg_execute(raw, f'INSERT INTO "{table.name}" SELECT * FROM json_populate_recordset('

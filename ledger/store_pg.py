@@ -534,11 +534,12 @@ class PgStore:
 
     # -------------------------------------------------------------- statement 2
     def persist(self, raw, plan: Plan, snap: Snapshot, *, commit: bool,
-                expected: dict[int, tuple] | None = None) -> tuple[list[int], list[int]]:
+                expected: dict[int, tuple] | None = None, then_sql: str = "") -> tuple[list[int], list[int]]:
         """Statement 2 (with ``COMMIT`` when ``commit``); returns entry and transfer ids in plan
         order. With ``expected`` (account id -> balances the plan assumed), the accounts are
-        first locked and compared in the same message (:data:`LOCK_CAS_SQL`). A failed guard
-        raises :class:`StaleReadError`."""
+        first locked and compared in the same message (:data:`LOCK_CAS_SQL`). ``then_sql``
+        (statements ending in ``; ``, e.g. the batch's merged row inserts) runs after the write,
+        before the COMMIT, in the same message. A failed guard raises :class:`StaleReadError`."""
         es, ts, holds, ups, revs = plan.entries, plan.transfers, plan.new_holds, plan.hold_updates, plan.reversals
         eids, tids = snap.entry_ids, snap.transfer_ids
         assert len(eids) >= len(es) and len(tids) >= len(ts), "ids drawn for fewer rows than planned"
@@ -569,8 +570,8 @@ class PgStore:
             ]
         cas = _check_sql(expected) if expected is not None else ""
         try:
-            execute(raw, f"{cas}EXECUTE {WRITE_FULL if full else WRITE_SIMPLE}({', '.join(args)})"
-                         f"{'; COMMIT' if commit else ''}")
+            execute(raw, f"{cas}EXECUTE {WRITE_FULL if full else WRITE_SIMPLE}({', '.join(args)}); "
+                         f"{then_sql}{'COMMIT' if commit else ''}")
         except Exception as exc:
             if GUARD in str(exc):
                 raise StaleReadError(str(exc)) from exc
