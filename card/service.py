@@ -21,10 +21,10 @@ from card import cryptogram as cg
 from card.accounts import wallet_spec
 from card.identity import is_valid_gb11643, is_valid_luhn
 from card.schema import cards, citizens
-from ledger.db import is_sqlite, write_connection
+from ledger.db import HOOK_REFUSED, HookRefused, is_sqlite, write_connection
 from ledger.errors import Conflict, Invalid, NotFound, Rejected
 from ledger.model import AccountResult
-from ledger.store import Ledger
+from ledger.store import BatchedHook, Ledger
 
 QR_VALIDITY_S = 60
 
@@ -119,7 +119,7 @@ class CardService:
 
     # -------------------------------------------------------------- authorisation
     def authorise(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date,
-                  card=None) -> Authorisation:
+                  card=None, consume: bool = True) -> Authorisation:
         """Verify a payment authorisation for ``amount_fen`` and consume its counter.
 
         ``auth`` is the JSON the terminal sent: ``{"method": "card", "pan", "pan_seq", "atc",
@@ -128,14 +128,17 @@ class CardService:
         card (EMVCo CPM, valid ``QR_VALIDITY_S`` and single-use).
         ``card``, when given, is the card row as the caller just read it (attributes ``pan``,
         ``psn_no``, ``pan_seq``, ``status``, ``last_atc``; the ATC check against it is re-done by
-        the compare-and-set), saving a read.
+        the compare-and-set), saving a read. With ``consume=False`` a card's ATC is checked
+        against ``last_atc`` but not yet advanced: the caller then advances it in its own
+        transaction with :meth:`counter_hook` (and, when that transaction posts nothing, with
+        :meth:`consume`), so the check and the payment commit together.
         Raises Invalid (malformed), NotFound (card), Rejected (blocked card, cryptogram
         mismatch, ATC replay, expired or reused code, amount mismatch).
         """
         method = auth.get("method") if isinstance(auth, dict) else None
         if method == "card":
             return self._authorise_card(auth, amount_fen=amount_fen, terminal_id=terminal_id, today=today,
-                                        card=card)
+                                        card=card, consume=consume)
         if method == "qr":
             return self._authorise_qr(auth, amount_fen=amount_fen, card=card)
         raise Invalid("payment_method_unknown", "payment.method must be 'card', 'qr' or 'cash'")
@@ -147,7 +150,7 @@ class CardService:
         return row
 
     def _authorise_card(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date,
-                        card=None) -> Authorisation:
+                        card=None, consume: bool = True) -> Authorisation:
         try:
             pan = str(auth["pan"])
             atc = int(auth["atc"])
@@ -171,7 +174,8 @@ class CardService:
             raise Invalid("card_auth_malformed", str(exc)) from None
         if result is not cg.CryptogramResult.OK:
             raise Rejected(str(result.value), f"card {pan}: {result.value}")
-        self._advance_atc(pan, atc)
+        if consume:
+            self._advance_atc(pan, atc)
         arpc = cg.generate_arpc(self.issuer_mk, pan, card.pan_seq, arqc, cg.ARC_APPROVED)
         return Authorisation(pan, card.psn_no, "card", atc, arpc.hex().upper())
 
@@ -201,6 +205,21 @@ class CardService:
         self._advance_atc(parsed.pan, parsed.atc)
         return Authorisation(parsed.pan, card.psn_no, "qr", parsed.atc)
 
+    @staticmethod
+    def counter_hook(auth: Authorisation) -> "AdvanceCounter":
+        """The ledger hook that accepts ``auth``'s ATC in the transaction that posts its payment
+        (see :class:`AdvanceCounter`)."""
+        return AdvanceCounter(auth.pan, auth.atc)
+
+    def consume(self, auth: Authorisation) -> None:
+        """Accept ``auth``'s ATC on its own (a payment authorised with ``consume=False`` that
+        posted nothing: declined for funds, say — the counter is spent as on a real card). A
+        counter already accepted (by a concurrent copy) is left as it is."""
+        try:
+            self._advance_atc(auth.pan, auth.atc)
+        except Rejected:
+            pass
+
     def _advance_atc(self, pan: str, atc: int) -> None:
         """Accept ATC ``atc`` of card ``pan`` once (compare-and-set ``last_atc < atc`` on an active
         card; EMV Book 2: an ATC at or below the last accepted one is a replay). One autocommit
@@ -219,6 +238,44 @@ class CardService:
             done = res.command_tuples
         if done != 1:
             raise Rejected("atc_replayed", f"card {pan}: ATC {atc} was already used")
+
+
+class AdvanceCounter(BatchedHook):
+    """A ledger hook accepting card ``pan``'s ATC ``atc`` in the transaction of the entry that
+    pays with it: the compare-and-set of :meth:`CardService._advance_atc` (``last_atc < atc``,
+    card active) for every card paying in a batch, as one guarded UPDATE. If any counter was
+    used meanwhile (a replayed cryptogram racing its original) the hook refuses
+    (:class:`ledger.db.HookRefused`) and nothing of that entry is written."""
+
+    __slots__ = ("pan", "atc")
+
+    def __init__(self, pan: str, atc: int) -> None:
+        self.pan = pan
+        self.atc = int(atc)
+
+    merge_key = "cards"
+
+    @classmethod
+    def pg_sql(cls, hooks: list) -> str:
+        from ledger.store_pg import int_array, text_array
+
+        return (f"WITH x AS (SELECT * FROM unnest({text_array([h.pan for h in hooks])}::text[], "
+                f"{int_array([h.atc for h in hooks])}::int[]) AS x(pan, atc)), "
+                "u AS (UPDATE cards c SET last_atc = x.atc FROM x WHERE c.pan = x.pan AND c.status = 'active' "
+                "AND (c.last_atc IS NULL OR c.last_atc < x.atc) RETURNING 1) "
+                f"SELECT CASE WHEN (SELECT count(*) FROM u) = {len(hooks)} THEN 0 "
+                # not a constant (the planner would fold it): the count makes it one per run
+                f"ELSE CAST('{HOOK_REFUSED}card counter already used; accepted ' || (SELECT count(*) FROM u) "
+                "AS int) END; ")
+
+    @classmethod
+    def run_sa(cls, conn, hooks: list) -> None:
+        for h in hooks:
+            done = conn.execute(update(cards).where(cards.c.pan == h.pan, cards.c.status == "active",
+                                                    (cards.c.last_atc.is_(None)) | (cards.c.last_atc < h.atc))
+                                .values(last_atc=h.atc)).rowcount
+            if done != 1:
+                raise HookRefused(f"card {h.pan}: ATC {h.atc} already used")
 
 
 _ADVANCE = "card_advance_atc_v1"

@@ -34,6 +34,16 @@ RETRY_SLEEP_S_MAX = 0.2
 POOL_PING_IDLE_S = 5.0
 
 
+#: The marker of a :class:`HookRefused` raised from SQL (``CAST('ledger hook refused: …' AS int)``).
+HOOK_REFUSED = "ledger hook refused: "
+
+
+class HookRefused(Exception):
+    """A batched entry hook refused its work (for example a card counter that was already
+    used): the entry's batch was rolled back; the group committer applies the others again, so
+    only the entry whose hook refused gets this. Not transient: never retried."""
+
+
 class StaleReadError(Exception):
     """Raised inside a write transaction when what was read before the locks no longer matches
     what is under them (for example a pending transfer created concurrently whose accounts are

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, insert, select, text
 
 from ledger import schema as s
-from ledger.db import is_sqlite, run_with_retry
+from ledger.db import HOOK_REFUSED, HookRefused, is_sqlite, run_with_retry
 from ledger.machine import (F_EXPIRED_VOID, F_NONE, F_PENDING, F_POST, F_VOID, S_EXPIRED, S_PENDING,
                             S_POSTED, S_VOIDED, Prepared, finish, is_valid_key, plan_batch, prepare)
 from ledger.model import (INT32_MAX, KEY_LENGTH_MAX, TRANSFER_KEY_LENGTH_MAX, AccountFlags, AccountKind,
@@ -197,6 +197,8 @@ class Ledger:
         postings when entry ``i`` was newly posted (never on a replay or a failure), so that a
         service can write its own record atomically with them; it must only write rows, do no
         network I/O, and must not raise for business reasons (raising rolls back the batch).
+        ``hooks[i]`` may also be a tuple of hooks; :class:`BatchedHook` ones (such as
+        :class:`InsertRows`) are merged across the batch and sent with its write.
 
         Raises ``ValueError`` for more than ``BATCH_ENTRIES_MAX`` entries or mismatched hooks,
         ``TypeError`` for a non-int amount or non-JSON metadata; database errors other than
@@ -250,7 +252,7 @@ class Ledger:
             plan, run_hooks = decide(snap)
             # Merged row inserts ride in the write's message when no other hook needs a turn.
             inline = run_hooks and not _needs_sa(hooks)
-            then_sql = _insert_rows_sql(hooks, plan) if inline else ""
+            then_sql = _batched_sql(hooks, plan) if inline else ""
             if plan.writes:
                 ids = self._store.persist(raw, plan, snap, commit=not run_hooks or inline, then_sql=then_sql)
             else:
@@ -331,7 +333,7 @@ class Ledger:
             if plan.writes:
                 ids = self._store.persist(raw, plan, spec.snap, commit=not run_hooks or inline,
                                           expected=spec.expected,
-                                          then_sql=_insert_rows_sql(spec.hooks, plan) if inline else "")
+                                          then_sql=_batched_sql(spec.hooks, plan) if inline else "")
             else:
                 self._store.check_and_commit(raw, spec.expected)
                 ids = ([], [])
@@ -739,13 +741,47 @@ def _rollback_quietly(raw) -> None:
         pass
 
 
-class InsertRows:
+class BatchedHook:
+    """An entry hook whose work for a whole batch is one piece (for example one multi-row
+    INSERT), run in the batch's transaction for the entries newly posted by it (never on a
+    replay or a refusal). Hooks of one batch with the same class and :attr:`merge_key` are
+    merged, after the batch's plain hooks. On PostgreSQL :meth:`pg_sql` gives the statements,
+    sent in the batch's write message right before its COMMIT (no SQLAlchemy connection, no
+    extra round trip); elsewhere :meth:`run_sa` runs them on the batch's SQLAlchemy connection.
+
+    A merged piece may refuse: its PostgreSQL statement raises an error whose message holds
+    :data:`ledger.db.HOOK_REFUSED` (``CAST('ledger hook refused: …' AS int)``), or
+    :meth:`run_sa` raises :class:`ledger.db.HookRefused`. The batch is then rolled back and, in
+    the group committer, applied again entry by entry, so only the entry whose hook refused gets
+    :class:`~ledger.db.HookRefused` (never retried: it is not a transient failure).
+    """
+
+    __slots__ = ()
+
+    @property
+    def merge_key(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @classmethod
+    def pg_sql(cls, hooks: list) -> str:  # pragma: no cover - overridden
+        """PostgreSQL statements (each ending in ``; ``) doing the work of ``hooks``."""
+        raise NotImplementedError
+
+    @classmethod
+    def run_sa(cls, conn: Connection, hooks: list) -> None:  # pragma: no cover - overridden
+        """Do the work of ``hooks`` on an SQLAlchemy connection (SQLite)."""
+        raise NotImplementedError
+
+    def __call__(self, conn, _outcome) -> None:
+        type(self).run_sa(conn, [self])
+
+
+class InsertRows(BatchedHook):
     """An entry hook that inserts ``rows`` (dicts of every column's value) into ``table`` (an
-    SQLAlchemy Table) in the entry's transaction. The InsertRows hooks of one batch are merged
-    per table into ONE multi-row INSERT after the batch's other hooks: on PostgreSQL one
-    ``INSERT … SELECT * FROM json_populate_recordset(…)`` sent on the batch's own connection (a
-    batch whose hooks are all InsertRows needs no SQLAlchemy connection at all), on SQLite one
-    executemany. A failing insert rolls back the whole batch, as any hook raising does."""
+    SQLAlchemy Table) in the entry's transaction. The InsertRows of one batch are merged per
+    table into ONE multi-row INSERT: on PostgreSQL ``INSERT … SELECT * FROM
+    json_populate_recordset(…)`` in the batch's write message, on SQLite one executemany. A
+    failing insert (a unique violation) rolls back the whole batch, as any hook raising does."""
 
     __slots__ = ("table", "rows", "doc")
 
@@ -756,13 +792,36 @@ class InsertRows:
         # the elements of a JSON array, without the brackets.
         self.doc = json.dumps(rows, default=_json_value, ensure_ascii=False, separators=(",", ":"))[1:-1]
 
-    def __call__(self, conn, _outcome) -> None:
-        conn.execute(insert(self.table), self.rows)
+    @property
+    def merge_key(self):
+        return self.table.name
+
+    @classmethod
+    def pg_sql(cls, hooks: list) -> str:
+        docs = [h.doc for h in hooks if h.doc]
+        if not docs:
+            return ""
+        name = hooks[0].table.name
+        return (f'INSERT INTO "{name}" SELECT * FROM json_populate_recordset(NULL::"{name}", '
+                f'{text_literal("[" + ",".join(docs) + "]")}); ')
+
+    @classmethod
+    def run_sa(cls, conn: Connection, hooks: list) -> None:
+        rows = [row for h in hooks for row in h.rows]
+        if rows:
+            conn.execute(insert(hooks[0].table), rows)
+
+
+def _leaves(hook) -> tuple:
+    """An entry's hook as a tuple of hooks (an entry may carry a tuple of them)."""
+    if hook is None:
+        return ()
+    return tuple(hook) if isinstance(hook, (tuple, list)) else (hook,)
 
 
 def _needs_sa(hooks) -> bool:
-    """True when a hook other than :class:`InsertRows` needs an SQLAlchemy connection."""
-    return hooks is not None and any(h is not None and type(h) is not InsertRows for h in hooks)
+    """True when a hook that is not a :class:`BatchedHook` needs an SQLAlchemy connection."""
+    return hooks is not None and any(not isinstance(leaf, BatchedHook) for h in hooks for leaf in _leaves(h))
 
 
 def _json_value(value):
@@ -771,36 +830,48 @@ def _json_value(value):
     raise TypeError(f"{type(value).__name__} is not a column value InsertRows can send")
 
 
-def _insert_rows_sql(hooks, plan) -> str:
-    """The merged :class:`InsertRows` of a batch's newly posted entries as PostgreSQL statements
-    (each ending in ``; ``), to send in the batch's write message; empty when there are none."""
-    merged: dict = {}
+def _new(r) -> bool:
+    return type(r) is tuple and r[0] == "new"
+
+
+def _batched_groups(hooks, plan) -> list[list]:
+    """The :class:`BatchedHook` leaves of the newly posted entries, grouped by (class,
+    merge_key), groups in order of first appearance."""
+    groups: dict = {}
     for hook, r in zip(hooks, plan.results):
-        if type(hook) is InsertRows and type(r) is tuple and r[0] == "new" and hook.doc:
-            merged.setdefault(hook.table.name, []).append(hook.doc)
-    return "".join(f'INSERT INTO "{name}" SELECT * FROM json_populate_recordset(NULL::"{name}", '
-                   f'{text_literal("[" + ",".join(docs) + "]")}); ' for name, docs in merged.items())
+        if hook is not None and _new(r):
+            for leaf in _leaves(hook):
+                if isinstance(leaf, BatchedHook):
+                    groups.setdefault((type(leaf), leaf.merge_key), []).append(leaf)
+    return list(groups.values())
+
+
+def _batched_sql(hooks, plan) -> str:
+    """The merged :class:`BatchedHook` work of a batch as PostgreSQL statements, to send in the
+    batch's write message; empty when there is none."""
+    return "".join(type(group[0]).pg_sql(group) for group in _batched_groups(hooks, plan))
 
 
 def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:
-    """Run the hooks of the newly posted entries: others in order on ``conn`` (SQLAlchemy), then
-    the merged :class:`InsertRows` — on ``raw`` (psycopg, PostgreSQL) when given."""
-    merged: dict = {}
+    """Run the hooks of the newly posted entries: plain ones in order on ``conn`` (SQLAlchemy),
+    then the merged :class:`BatchedHook` work — on ``raw`` (psycopg, PostgreSQL) when given."""
     for hook, r, outcome in zip(hooks, plan.results, outcomes):
-        if hook is not None and type(r) is tuple and r[0] == "new":
-            if type(hook) is InsertRows:
-                merged.setdefault(hook.table, []).append(hook)
-            else:
-                hook(conn, outcome)
-    for table, inserts in merged.items():
-        rows = [row for h in inserts for row in h.rows]
-        if raw is None:
-            if rows:
-                conn.execute(insert(table), rows)
-        else:
-            doc = "[" + ",".join(h.doc for h in inserts if h.doc) + "]"
-            pg_execute(raw, f'INSERT INTO "{table.name}" SELECT * FROM json_populate_recordset('
-                            f'NULL::"{table.name}", {text_literal(doc)})')
+        if hook is not None and _new(r):
+            for leaf in _leaves(hook):
+                if not isinstance(leaf, BatchedHook):
+                    leaf(conn, outcome)
+    if raw is None:
+        for group in _batched_groups(hooks, plan):
+            type(group[0]).run_sa(conn, group)
+        return
+    sql = _batched_sql(hooks, plan)
+    if sql:
+        try:
+            pg_execute(raw, sql)
+        except Exception as exc:
+            if HOOK_REFUSED in str(exc):
+                raise HookRefused(str(exc).split(HOOK_REFUSED, 1)[1].split('"')[0]) from exc
+            raise
 
 
 def _expanding(name: str):

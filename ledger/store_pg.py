@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from psycopg import errors as pg_errors, generators, pq
 from sqlalchemy import Engine, event
 
-from ledger.db import RETRY_SLEEP_S_MAX, StaleReadError, is_retryable, is_unique_violation
+from ledger.db import HOOK_REFUSED, RETRY_SLEEP_S_MAX, HookRefused, StaleReadError, is_retryable, is_unique_violation
 from ledger.machine import (Account, Hold, Plan, ReversalTarget, Snapshot, StoredEntry, F_NONE, F_PENDING,
                             F_POST, S_PENDING)
 
@@ -575,6 +575,8 @@ class PgStore:
         except Exception as exc:
             if GUARD in str(exc):
                 raise StaleReadError(str(exc)) from exc
+            if HOOK_REFUSED in str(exc):
+                raise HookRefused(str(exc).split(HOOK_REFUSED, 1)[1].split('"')[0]) from exc
             raise
         return eids[:len(es)], tids[:len(ts)]
 

@@ -35,6 +35,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select
 
 from card.service import CardService
+from ledger.db import HookRefused
 from ledger.errors import Conflict, Invalid, NotFound, Rejected
 from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryResult, EntrySpec,
                           TransferResult, TransferSpec)
@@ -402,8 +403,20 @@ class SettlementService:
         Returns the settlement document (``setl_id``, ``setlinfo``, ``lines``, ``payment``,
         ``replayed``). Raises Invalid, NotFound (person, card), Conflict (same visit and batch
         with another bill; msgid reused), Rejected (card checks; ``insufficient_funds`` 402;
-        ``amount_mismatch`` 409 when the card authorised another amount than is now due)."""
+        ``amount_mismatch`` 409 when the card authorised another amount than is now due).
+
+        A card's ATC is accepted in the transaction that posts the payment (a ledger hook), or
+        on its own when the settlement ends without posting — declined for funds, say: the
+        counter is spent either way, as on a real card."""
         visit = self.parse_visit(req)
+        unspent: list = []  # a card authorisation whose counter is not accepted yet
+        try:
+            return self._settle(ctx, visit, unspent)
+        finally:
+            for auth in unspent:
+                self.cards.consume(auth)
+
+    def _settle(self, ctx: TerminalContext, visit: Visit, unspent: list) -> dict:
         method = visit.payment["method"]
         year = self.insu_year()
         sc = self._context(ctx, visit, year, usable_pan(visit.payment.get("pan")) if method == "card" else None)
@@ -431,7 +444,7 @@ class SettlementService:
             if wallet_pay and auth is None:
                 try:
                     auth = self.cards.authorise(visit.payment, amount_fen=wallet_pay, terminal_id=ctx.terminal_id,
-                                                today=business_date, card=sc.card)
+                                                today=business_date, card=sc.card, consume=False)
                 except Rejected as exc:
                     # A copy of this very request may have settled it meanwhile (the terminal
                     # resent it): then its counter is used and the amount due has changed.
@@ -443,6 +456,8 @@ class SettlementService:
                         return replay
                     raise
                 authorised_fen = wallet_pay
+                if auth.method == "card":
+                    unspent.append(auth)
                 if auth.psn_no != citizen.psn_no:
                     raise Rejected("card_holder_mismatch", "the card does not belong to the insured person")
             elif wallet_pay and wallet_pay != authorised_fen:
@@ -468,8 +483,17 @@ class SettlementService:
                 transfers=tuple(TransferSpec(f"{entry_key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
                 metadata={"setl_id": setl_id, "legs_from": 0},
                 assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
-            outcome = self.submit(entry, InsertRows(settlements, [row]))
+            hook = InsertRows(settlements, [row])
+            try:
+                outcome = self.submit(entry, (hook, self.cards.counter_hook(unspent[0])) if unspent else hook)
+            except HookRefused:  # the card's counter was used meanwhile: by a copy of this request?
+                unspent.clear()
+                replay = self._await_duplicate(ctx, visit)
+                if replay is not None:
+                    return replay
+                raise Rejected("atc_replayed", f"card {auth.pan}: ATC {auth.atc} was already used") from None
             if outcome.ok:
+                unspent.clear()  # accepted with the payment (or by the original this replays)
                 return self._replay_or_conflict(ctx, visit) if outcome.replayed else doc
             if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:
                 contention_backoff(_attempt)

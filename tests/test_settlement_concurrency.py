@@ -206,3 +206,53 @@ def test_duplicate_cancellations_racing_cancel_once(world):
     assert len(ok) == 1 and all(isinstance(e, DomainError) and e.code == "already_cancelled" for e in refused)
     assert orig2["setlinfo"]["psn_cash_pay"] > 0
     assert world.net(chart.wallet_account(p.pan)) == 100_000  # both paid back, each exactly once
+
+
+def test_one_cryptogram_presented_for_several_visits_at_once_pays_once(world, monkeypatch):
+    """A card's ATC is accepted in the transaction that posts the payment: when one ARQC is
+    replayed for other visits at the same moment, every copy passes the read-time ATC check,
+    yet exactly one posts; the others are refused ``atc_replayed`` and move nothing."""
+    import settlement.service
+
+    monkeypatch.setattr(settlement.service, "DUPLICATE_WAIT_S", 0.2)  # no copy of the same visit is in flight
+    people = [world.add_person(personal_fen=0, wallet_fen=100_000) for _ in range(2)]
+    p = people[0]
+    bill = world.bill(("C", "45.80", "1"))
+    visits = [world.visit(p, bill, method="card") for _ in range(6)]
+    payment = world.card_payment(p, 4_580)
+    for v in visits:
+        v["payment"] = payment
+    results = at_once([partial(world.svc.settle, CLINIC, v) for v in visits])
+    ok = [r for kind, r in results if kind == "ok"]
+    refused = [r for kind, r in results if kind == "error"]
+    assert len(ok) == 1, [repr(r) for r in refused]
+    assert all(isinstance(e, DomainError) and e.code == "atc_replayed" for e in refused), [repr(e) for e in refused]
+    assert world.net(chart.wallet_account(p.pan)) == 100_000 - 4_580
+    assert world.c.cards.card(p.pan).last_atc == payment["atc"]
+    with world.c.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(settlements)).scalar() == 1
+    # The card goes on: its next cryptogram pays, and a visit of another person settles alongside.
+    nxt = world.visit(p, bill, method="card")
+    nxt["payment"] = world.card_payment(p, 4_580)
+    other = world.visit(people[1], bill, method="card")
+    other["payment"] = world.card_payment(people[1], 4_580)
+    both = at_once([partial(world.svc.settle, CLINIC, nxt), partial(world.svc.settle, CLINIC, other)])
+    assert [kind for kind, _ in both] == ["ok", "ok"], both
+    assert world.ledger.trial_balance().balanced
+
+
+def test_a_declined_card_payment_still_spends_its_counter(world):
+    """Declined for funds: nothing posts, yet the ATC is spent, so the cryptogram cannot pay later."""
+    p = world.add_person(personal_fen=0, wallet_fen=1_000)
+    v = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
+    v["payment"] = world.card_payment(p, 4_580)
+    with pytest.raises(DomainError) as exc:
+        world.svc.settle(CLINIC, v)
+    assert exc.value.code == "insufficient_funds"
+    assert world.c.cards.card(p.pan).last_atc == v["payment"]["atc"]
+    world.recharge(p, 10_000)
+    again = dict(v, msgid=world.msgid(world.next()))
+    with pytest.raises(DomainError) as exc:
+        world.svc.settle(CLINIC, again)
+    assert exc.value.code == "atc_replayed"
+    assert world.net(chart.wallet_account(p.pan)) == 11_000
