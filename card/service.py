@@ -254,19 +254,24 @@ class AdvanceCounter(BatchedHook):
         self.atc = int(atc)
 
     merge_key = "cards"
+    pg_prepared = {"card_advance_atcs_v1": f"""
+PREPARE card_advance_atcs_v1 (text[], int[]) AS
+WITH u AS (
+    UPDATE cards c SET last_atc = x.atc
+    FROM unnest($1, $2) AS x(pan, atc)
+    WHERE c.pan = x.pan AND c.pan = ANY($1) AND c.status = 'active' AND (c.last_atc IS NULL OR c.last_atc < x.atc)
+    RETURNING 1
+)
+SELECT CASE WHEN (SELECT count(*) FROM u) = cardinality($1) THEN 0
+            ELSE CAST('{HOOK_REFUSED}card counter already used; accepted ' || (SELECT count(*) FROM u) AS int)
+       END
+"""}
 
     @classmethod
     def pg_sql(cls, hooks: list) -> str:
         from ledger.store_pg import int_array, text_array
 
-        return (f"WITH x AS (SELECT * FROM unnest({text_array([h.pan for h in hooks])}::text[], "
-                f"{int_array([h.atc for h in hooks])}::int[]) AS x(pan, atc)), "
-                "u AS (UPDATE cards c SET last_atc = x.atc FROM x WHERE c.pan = x.pan AND c.status = 'active' "
-                "AND (c.last_atc IS NULL OR c.last_atc < x.atc) RETURNING 1) "
-                f"SELECT CASE WHEN (SELECT count(*) FROM u) = {len(hooks)} THEN 0 "
-                # not a constant (the planner would fold it): the count makes it one per run
-                f"ELSE CAST('{HOOK_REFUSED}card counter already used; accepted ' || (SELECT count(*) FROM u) "
-                "AS int) END; ")
+        return f"EXECUTE card_advance_atcs_v1({text_array([h.pan for h in hooks])}, {int_array([h.atc for h in hooks])}); "
 
     @classmethod
     def run_sa(cls, conn, hooks: list) -> None:

@@ -40,8 +40,8 @@ from ledger.machine import (F_EXPIRED_VOID, F_NONE, F_PENDING, F_POST, F_VOID, S
 from ledger.model import (INT32_MAX, KEY_LENGTH_MAX, TRANSFER_KEY_LENGTH_MAX, AccountFlags, AccountKind,
                           AccountResult, AccountSpec, Balance, EntryOutcome, EntrySpec, TransferFlags)
 from ledger.money import AMOUNT_FEN_MAX, CURRENCY_EXPONENTS
-from ledger.store_pg import (BEGIN_BARE, BEGIN_SHARED, PG_IDLE, HotPool, PgStore, execute as pg_execute,
-                             seal_watermark, text_literal)
+from ledger.store_pg import (BEGIN_BARE, BEGIN_SHARED, PG_IDLE, HotPool, PgStore, ensure_prepared,
+                             execute as pg_execute, seal_watermark, text_literal)
 from ledger.store_sqlite import SqliteStore
 
 BATCH_ENTRIES_MAX = 4096
@@ -252,7 +252,7 @@ class Ledger:
             plan, run_hooks = decide(snap)
             # Merged row inserts ride in the write's message when no other hook needs a turn.
             inline = run_hooks and not _needs_sa(hooks)
-            then_sql = _batched_sql(hooks, plan) if inline else ""
+            then_sql = _batched_sql(hooks, plan, raw, self._store.session_info()) if inline else ""
             if plan.writes:
                 ids = self._store.persist(raw, plan, snap, commit=not run_hooks or inline, then_sql=then_sql)
             else:
@@ -290,7 +290,7 @@ class Ledger:
             if held is None:
                 return None
             raw, info, begin = held.raw, held.info, BEGIN_BARE
-        spec = Speculation(batch, None, None, {}, raw, held, pool, conn, hooks)
+        spec = Speculation(batch, None, None, {}, raw, held, pool, conn, hooks, info)
         try:
             lookups = _lookups(batch, ())
             n_transfers = sum(len(p.spec.transfers) for p in batch if p.failure is None)
@@ -333,7 +333,7 @@ class Ledger:
             if plan.writes:
                 ids = self._store.persist(raw, plan, spec.snap, commit=not run_hooks or inline,
                                           expected=spec.expected,
-                                          then_sql=_batched_sql(spec.hooks, plan) if inline else "")
+                                          then_sql=_batched_sql(spec.hooks, plan, raw, spec.info) if inline else "")
             else:
                 self._store.check_and_commit(raw, spec.expected)
                 ids = ([], [])
@@ -716,6 +716,7 @@ class Speculation:
     pool: object
     conn: object                #: … or a pooled SQLAlchemy connection (hooks)
     hooks: object
+    info: dict                  #: the connection's per-session info (statements it prepared)
 
     def planned_balances(self) -> dict[int, tuple]:
         """Balances of the accounts the batch changes, once it is written."""
@@ -757,6 +758,9 @@ class BatchedHook:
     """
 
     __slots__ = ()
+    #: statements (name -> ``PREPARE name (…) AS …``) that :meth:`pg_sql` EXECUTEs; the ledger
+    #: prepares them on a connection before it first sends the hook's work there
+    pg_prepared: dict[str, str] = {}
 
     @property
     def merge_key(self):  # pragma: no cover - overridden
@@ -846,10 +850,15 @@ def _batched_groups(hooks, plan) -> list[list]:
     return list(groups.values())
 
 
-def _batched_sql(hooks, plan) -> str:
+def _batched_sql(hooks, plan, raw, info: dict) -> str:
     """The merged :class:`BatchedHook` work of a batch as PostgreSQL statements, to send in the
-    batch's write message; empty when there is none."""
-    return "".join(type(group[0]).pg_sql(group) for group in _batched_groups(hooks, plan))
+    batch's write message; empty when there is none. Prepares on ``raw`` (once per session,
+    remembered in ``info``) the statements the hooks' classes declare in ``pg_prepared``."""
+    groups = _batched_groups(hooks, plan)
+    for group in groups:
+        if type(group[0]).pg_prepared:
+            ensure_prepared(raw, info, type(group[0]).pg_prepared)
+    return "".join(type(group[0]).pg_sql(group) for group in groups)
 
 
 def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:
@@ -864,7 +873,7 @@ def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:
         for group in _batched_groups(hooks, plan):
             type(group[0]).run_sa(conn, group)
         return
-    sql = _batched_sql(hooks, plan)
+    sql = _batched_sql(hooks, plan, raw, conn.connection.info)
     if sql:
         try:
             pg_execute(raw, sql)

@@ -357,6 +357,14 @@ def forget_prepared(info: dict, statements: dict[str, str]) -> None:
     info.pop("prepared:" + ",".join(statements), None)
 
 
+def forget_all_prepared(info: dict) -> None:
+    """Forget every statement this session was known to have prepared (the ledger's and those
+    of :func:`ensure_prepared`): after a ``DISCARD ALL`` they are gone."""
+    info.pop("ledger_prepared", None)
+    for key in [k for k in info if isinstance(k, str) and k.startswith("prepared:")]:
+        info.pop(key, None)
+
+
 def run_prepared(engine: Engine, statements: dict[str, str], sql: str, *, idempotent: bool = True) -> list:
     """Send ``sql`` (which EXECUTEs some of ``statements``) on a hot connection in autocommit
     mode and return the libpq results. Retries once when a prepared statement had vanished
@@ -384,6 +392,7 @@ class PgStore:
 
     def __init__(self) -> None:
         self._statements: dict[str, str] | None = None
+        self._local = threading.local()
 
     def _ensure_prepared(self, raw, info: dict) -> None:
         if info.get("ledger_prepared") == VERSION:
@@ -445,8 +454,14 @@ class PgStore:
                     raise
                 time.sleep(min(0.002 * (2 ** attempt), RETRY_SLEEP_S_MAX))
 
+    def session_info(self) -> dict:
+        """The per-session ``info`` dict of the connection the calling thread's ``work`` runs on
+        (inside :meth:`run`), e.g. for :func:`ensure_prepared`."""
+        return self._local.info
+
     def _in_session(self, raw, info: dict, work: Callable, sa_conn, begin: str):
         self._ensure_prepared(raw, info)
+        self._local.info = info
         try:
             return work(raw, sa_conn, begin)
         except Exception as exc:
@@ -457,7 +472,7 @@ class PgStore:
                     pass
             sqlstate = getattr(exc, "sqlstate", None)
             if sqlstate == "26000":  # prepared statement vanished (DISCARD ALL): prepare again
-                info.pop("ledger_prepared", None)
+                forget_all_prepared(info)
                 raise _Missing() from exc
             if GUARD in str(exc):
                 raise StaleReadError(str(exc)) from exc
