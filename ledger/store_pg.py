@@ -308,16 +308,17 @@ def text_literal(value: str) -> str:
 
 @contextlib.contextmanager
 def hot_connection(engine: Engine) -> Iterator[tuple]:
-    """``(raw, info)``: a psycopg connection in autocommit mode for a few statements sent with
+    """``(raw, info, begin)``: a psycopg connection in autocommit mode for statements sent with
     :func:`execute` — from the engine's :class:`HotPool`, or borrowed from the engine's pool when
-    every hot connection is busy — and its per-session ``info`` dict (to remember which
-    statements it has prepared, see :func:`ensure_prepared`). A connection left broken or in a
-    transaction is dropped, never reused."""
+    every hot connection is busy — its per-session ``info`` dict (to remember which statements
+    it has prepared, see :func:`ensure_prepared`), and the text that starts a ledger transaction
+    on it (the hot ones carry the planner settings for the session, a borrowed one per
+    transaction). A connection left broken or in a transaction is dropped, never reused."""
     pool = HotPool.of(engine)
     held = pool.get()
     if held is not None:
         try:
-            yield held.raw, held.info
+            yield held.raw, held.info, _BEGIN_BARE
         finally:
             pool.put(held)
         return
@@ -326,7 +327,7 @@ def hot_connection(engine: Engine) -> Iterator[tuple]:
         raw = fairy.driver_connection
         raw.autocommit = True
         try:
-            yield raw, fairy.info
+            yield raw, fairy.info, _BEGIN
         finally:
             if not raw.closed and raw.pgconn.transaction_status == _IDLE:
                 raw.autocommit = False
@@ -372,7 +373,7 @@ def run_prepared(engine: Engine, statements: dict[str, str], sql: str, *, idempo
     propagate."""
     for attempt in (1, 2):
         try:
-            with hot_connection(engine) as (raw, info):
+            with hot_connection(engine) as (raw, info, _begin):
                 ensure_prepared(raw, info, statements)
                 try:
                     return execute(raw, sql)
@@ -426,26 +427,8 @@ class PgStore:
                     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                         raw = conn.connection.driver_connection
                         return self._in_session(raw, conn.connection.info, work, conn, _BEGIN)
-                pool = HotPool.of(engine)
-                held = pool.get()
-                if held is None:  # every hot connection is busy: borrow one from the engine's pool
-                    fairy = engine.raw_connection()
-                    try:
-                        raw = fairy.driver_connection
-                        raw.autocommit = True
-                        try:
-                            return self._in_session(raw, fairy.info, work, None, _BEGIN)
-                        finally:
-                            if not raw.closed and raw.pgconn.transaction_status == _IDLE:
-                                raw.autocommit = False
-                            else:
-                                fairy.invalidate()
-                    finally:
-                        fairy.close()
-                try:
-                    return self._in_session(held.raw, held.info, work, None, _BEGIN_BARE)
-                finally:
-                    pool.put(held)
+                with hot_connection(engine) as (raw, info, begin):
+                    return self._in_session(raw, info, work, None, begin)
             except Exception as exc:
                 attempt += 1
                 if isinstance(exc, _Missing) and attempt < retries_max:
