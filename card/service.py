@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from ledger.model import AccountResult
 from ledger.store import BatchedHook, Ledger
 
 QR_VALIDITY_S = 60
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +145,9 @@ class CardService:
             return self._authorise_qr(auth, amount_fen=amount_fen, card=card)
         raise Invalid("payment_method_unknown", "payment.method must be 'card', 'qr' or 'cash'")
 
-    def _active_card(self, pan: str, card=None):
+    def active_card(self, pan: str, card=None):
+        """The card row (``card`` when it is that card's row as just read); NotFound, or Rejected
+        ``card_blocked`` when it is not active."""
         row = card if card is not None and card.pan == pan else self.card(pan)
         if row.status != "active":
             raise Rejected("card_blocked", f"card {pan} is {row.status}")
@@ -165,7 +169,7 @@ class CardService:
                            " present the card again for the new amount", status=409, amount_due_fen=amount_fen)
         if abs((txn_date - today).days) > 1:
             raise Rejected("card_txn_date_invalid", f"transaction date {txn_date} is not today ({today})")
-        card = self._active_card(pan, card)
+        card = self.active_card(pan, card)
         try:
             data = cg.TransactionData(amount_authorised_fen=amount_fen, txn_date=txn_date,
                                       unpredictable_number=un, atc=atc, terminal_id=terminal_id)
@@ -189,7 +193,7 @@ class CardService:
             parsed = cpm.parse_cpm_payload(payload)
         except ValueError as exc:
             raise Invalid("qr_payload_malformed", str(exc)) from None
-        card = self._active_card(parsed.pan, card)
+        card = self.active_card(parsed.pan, card)
         now_s = self.clock_us() // 1_000_000
         if (parsed.psn or "00") != card.pan_seq:
             raise Rejected("arqc_mismatch", "QR code: PAN sequence number does not match the card")
@@ -219,6 +223,8 @@ class CardService:
             self._advance_atc(auth.pan, auth.atc)
         except Rejected:
             pass
+        except Exception:  # the database is failing: the caller's own error is the one to report
+            log.warning("card %s: ATC %d could not be marked used", auth.pan, auth.atc, exc_info=True)
 
     def _advance_atc(self, pan: str, atc: int) -> None:
         """Accept ATC ``atc`` of card ``pan`` once (compare-and-set ``last_atc < atc`` on an active

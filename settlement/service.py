@@ -486,11 +486,12 @@ class SettlementService:
             hook = InsertRows(settlements, [row])
             try:
                 outcome = self.submit(entry, (hook, self.cards.counter_hook(unspent[0])) if unspent else hook)
-            except HookRefused:  # the card's counter was used meanwhile: by a copy of this request?
-                unspent.clear()
+            except HookRefused:  # the card's counter was used meanwhile (by a copy of this
+                unspent.clear()  # request?), or the card was blocked since it was read
                 replay = self._await_duplicate(ctx, visit)
                 if replay is not None:
                     return replay
+                self.cards.active_card(auth.pan)  # Rejected card_blocked when that is why
                 raise Rejected("atc_replayed", f"card {auth.pan}: ATC {auth.atc} was already used") from None
             if outcome.ok:
                 unspent.clear()  # accepted with the payment (or by the original this replays)

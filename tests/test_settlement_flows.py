@@ -458,6 +458,31 @@ def test_a_card_cryptogram_replayed_for_another_visit_is_refused(world, monkeypa
     assert world.svc.settle(CLINIC, world.last_visit)["setl_id"] == first["setl_id"]  # the resent original replays
 
 
+def test_a_card_blocked_while_its_payment_is_in_flight_pays_nothing(world, monkeypatch):
+    """The card was active when read; it is blocked before the payment commits: the counter's
+    compare-and-set in the payment's own transaction refuses it, and nothing moves."""
+    import settlement.service
+
+    monkeypatch.setattr(settlement.service, "DUPLICATE_WAIT_S", 0.1)
+    p = world.add_person(personal_fen=0, wallet_fen=100_000)
+    v = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
+    v["payment"] = world.card_payment(p, 4_580)
+    hook = world.c.cards.counter_hook
+
+    def block_then_hook(auth):
+        world.c.cards.set_status(p.pan, "blocked")
+        return hook(auth)
+
+    monkeypatch.setattr(world.c.cards, "counter_hook", block_then_hook)
+    snap = world.pending_free_snapshot()
+    with pytest.raises(Rejected) as exc:
+        world.svc.settle(CLINIC, v)
+    assert exc.value.code == "card_blocked"
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    with pytest.raises(NotFound):
+        world.svc.query_by_msgid(CLINIC, v["msgid"])
+
+
 def test_query_by_msgid_resolves_a_lost_answer(world):
     p = world.add_person(wallet_fen=100_000)
     v = world.visit(p, world.bill(("A", "75.00", "2"), ("C", "12.00", "1")))
