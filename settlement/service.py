@@ -12,7 +12,10 @@ the pure :func:`settlement.split.split_visit` decides, the service posts one led
   settlement of the same person changed them, the ledger refuses the entry and the service
   re-reads and re-splits (bounded), so the deductible and the caps apply exactly once.
   Idempotent by (clinic, ``mdtrt_id``, ``chrg_bchno``): a second submission returns the first
-  settlement, marked ``replayed``; the same key with another bill is a conflict.
+  settlement, marked ``replayed``; the same key with another bill is a conflict. What the
+  decision needs (idempotency, the person, their accounts, the card) is read in one round trip
+  (:mod:`settlement.reads`); the settlement row and the card's ATC are written by ledger hooks
+  in the entry's own transaction, merged per group-commit batch.
 * **Cancellation** (2208/2305) posts the exact reverse of the settlement's legs, linked to it,
   once; the accumulators come back exactly.
 * **Partial refund**: one entry that reverses the original and posts the re-split of the
