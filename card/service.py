@@ -104,7 +104,9 @@ class CardService:
         return cg.derive_icc_mk(self.issuer_mk, pan, pan_seq)
 
     def card(self, pan: str):
-        """The card row or NotFound."""
+        """The card row or NotFound (also for a PAN no card can have: not printable text)."""
+        if not isinstance(pan, str) or not pan.isprintable():
+            raise NotFound("card_not_found", f"no card {pan!r}")
         with self.engine.connect() as conn:
             row = conn.execute(select(cards).where(cards.c.pan == pan)).first()
         if row is None:
@@ -157,7 +159,9 @@ class CardService:
                         card=None, consume: bool = True) -> Authorisation:
         try:
             pan = str(auth["pan"])
-            atc = int(auth["atc"])
+            if type(auth["atc"]) is not int:  # 1.5 or true are not counters (JSON integers only)
+                raise TypeError(f"atc must be an integer, got {auth['atc']!r}")
+            atc = auth["atc"]
             arqc = binascii.unhexlify(str(auth["arqc"]))
             un = binascii.unhexlify(str(auth["un"]))
             txn_date = dt.date.fromisoformat(str(auth["txn_date"]))

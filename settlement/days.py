@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Callable
 from zoneinfo import ZoneInfo
 
@@ -22,21 +23,33 @@ from settlement.schema import business_days
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 
 
-class BusinessDays:
-    """Open/close of business days on one database; ``clock_us`` is the engine clock."""
+#: How long a process trusts the open day it read before reading it again: another engine
+#: process on the same database may close it (day end), and what is booked after that must go
+#: to the next day.
+OPEN_DAY_RECHECK_S = 1.0
 
-    def __init__(self, engine: Engine, clock_us: Callable[[], int]) -> None:
+
+class BusinessDays:
+    """Open/close of business days on one database; ``clock_us`` is the engine clock. The open
+    day is read at most once per ``recheck_s`` seconds (monotonic time) per process."""
+
+    def __init__(self, engine: Engine, clock_us: Callable[[], int], *,
+                 recheck_s: float = OPEN_DAY_RECHECK_S) -> None:
         self.engine = engine
         self.clock_us = clock_us
+        self.recheck_s = recheck_s
         self._cached: dt.date | None = None
+        self._read_at = 0.0
 
     def local_date(self) -> dt.date:
         """Today's local date in Asia/Shanghai by the engine clock."""
         return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).date()
 
     def current(self) -> dt.date:
-        """The open business date, opening one if none is open."""
-        if self._cached is not None:
+        """The open business date, opening one if none is open (re-read when the last read is
+        older than ``recheck_s``, so a day closed by another process is noticed)."""
+        now = time.monotonic()
+        if self._cached is not None and now - self._read_at < self.recheck_s:
             return self._cached
 
         def work(conn) -> dt.date:
@@ -53,6 +66,7 @@ class BusinessDays:
             return day
 
         self._cached = run_with_retry(self.engine, work)
+        self._read_at = now
         return self._cached
 
     def status(self, day: dt.date) -> tuple[str, dict | None]:

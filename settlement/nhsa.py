@@ -83,6 +83,9 @@ def parse_fee_details(raw: Any, *, where: str = "feedetail") -> list[BillLine]:
         for name in ("feedetl_sn", "pric", "cnt", "selfpay_prop", "pric_uplmt_amt"):
             if name in item and item[name] is not None and item[name] != "":
                 line[name] = item[name]
+        for n in ("hilist_code", "med_list_codg"):
+            if item.get(n) not in (None, "") and not isinstance(item.get(n), str):
+                raise SplitInputError(f"{label}.{n}: must be a string, got {type(item.get(n)).__name__}")
         codes = {item.get(n) for n in ("hilist_code", "med_list_codg") if item.get(n) not in (None, "")}
         if len(codes) > 1:
             raise SplitInputError(f"{label}.med_list_codg: {item.get('med_list_codg')!r} contradicts "

@@ -40,11 +40,12 @@ settlements = Table(
     Column("kind", String(12), nullable=False),  # settlement | cancellation
     Column("original_setl_id", String(40), nullable=True),
     Column("created_ts", BigInteger, nullable=False),
+    Column("arpc", String(16), nullable=True),  # the ARPC a card payment was answered with (hex)
     UniqueConstraint("fixmedins_code", "mdtrt_id", "chrg_bchno", "kind", name="uq_settlement_visit_batch"),
 )
 Index("ix_settlements_day", settlements.c.business_date)
 Index("ix_settlements_original", settlements.c.original_setl_id)
-Index("ix_settlements_msgid", settlements.c.fixmedins_code, settlements.c.msgid)
+Index("uq_settlements_org_msgid", settlements.c.fixmedins_code, settlements.c.msgid, unique=True)
 
 payments = Table(
     "payments", metadata,

@@ -38,7 +38,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select
 
 from card.service import CardService
-from ledger.db import HookRefused
+from ledger.db import HookRefused, is_unique_violation
 from ledger.errors import Conflict, Invalid, NotFound, Rejected
 from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryResult, EntrySpec,
                           TransferResult, TransferSpec)
@@ -59,7 +59,7 @@ ID_CHARS_MAX = 40
 #: copy, still in flight, to commit so that it can replay it.
 DUPLICATE_WAIT_S = 2.0
 #: The accumulators and balances a split reads (``adm_dedc`` only for inpatient visits).
-STATE_KEYS = ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "personal")
+STATE_KEYS = ("dedc", "hifp", "hifmi", "admissions", "adm_dedc", "adm_final", "personal")
 #: The settlement of a (clinic, visit, batch) and whatever row already uses the message id, in
 #: one statement (one snapshot, one round trip; built once).
 _SAME_VISIT_OR_MSGID = select(settlements).where(or_(
@@ -96,6 +96,11 @@ class Visit:
 #: Ids the engine derives (a refund's charge batch, its cancellation's message id) contain this
 #: character, which request ids may not, so they never collide with a terminal's own ids.
 RESERVED_CHAR = "~"
+
+
+class RowTaken(Exception):
+    """A settlement row's unique key (clinic and msgid, or the visit) was taken by a concurrent
+    request first; nothing of this request was written."""
 
 
 def text_field(req: dict, name: str, *, chars_max: int = ID_CHARS_MAX, required: bool = True) -> str:
@@ -137,6 +142,24 @@ def contention_backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, 0.004 * (attempt + 1)))
 
 
+def refuse_refund_that_charges_more(original: dict, new) -> None:
+    """A partial refund returns units, so the patient must not pay more than they did. The
+    re-split of the remaining lines uses the person's accumulators as they are now; when those
+    moved since (another settlement of the year was cancelled and freed the deductible, say),
+    the remaining lines can leave a larger self-paid part than the whole bill did. A refund
+    must not take money from the patient — from the card wallet without the card, or at the
+    counter — so this raises Conflict ``refund_would_charge_more`` with the fen; the clinic
+    then cancels the settlement and settles the remaining lines anew, with the card presented.
+    (Shifts between the other payers — the fund paying more because cap room was freed, the
+    personal account because it was topped up — leave the patient better off and stand.)"""
+    more = new.psn_cash_pay - original["psn_cash_pay"]
+    if more > 0:
+        raise Conflict("refund_would_charge_more",
+                       f"the remaining lines, split on the person's accounts as they are now, would cost the "
+                       f"patient {more} fen more than the whole bill did; cancel the settlement and settle the "
+                       "remaining lines anew")
+
+
 def undo_key(setl_id: str) -> str:
     """The ledger entry key of whatever undoes settlement ``setl_id`` — its cancellation or its
     partial refund. One key for both, so a settlement is undone at most once, whichever comes
@@ -170,8 +193,9 @@ def _state_accounts(psn_no: str, year: int, mdtrt_id: str, inpatient: bool) -> d
         "admissions": chart.accumulator("admissions", psn_no, year),
         "personal": chart.personal_account(psn_no),
     }
-    if inpatient:
+    if inpatient:  # per admission: the deductible used, and whether its final settlement is made
         names["adm_dedc"] = chart.accumulator("adm_dedc", psn_no, mdtrt_id)
+        names["adm_final"] = chart.accumulator("adm_final", psn_no, mdtrt_id)
     return names
 
 
@@ -219,6 +243,9 @@ class SettlementService:
         msgid = text_field(req, "msgid")
         mdtrt_id = text_field(req, "mdtrt_id")
         chrg_bchno = text_field(req, "chrg_bchno")
+        for name, value in (("mdtrt_id", mdtrt_id), ("chrg_bchno", chrg_bchno)):
+            if ":" in value:  # the separator of the settlement's ledger key (settlement_key)
+                raise Invalid("field_invalid", f"{name}: ':' is not allowed in a visit id", field=name)
         psn_no = text_field(req, "psn_no", chars_max=32)
         med_type = text_field(req, "med_type", chars_max=4)
         interim = req.get("mid_setl_flag", "0")
@@ -230,7 +257,9 @@ class SettlementService:
         if not isinstance(raw_lines, list) or not raw_lines:
             raise Invalid("field_invalid", "lines: must be a non-empty list of fee lines", field="lines")
         lines = self.classify(raw_lines)
-        payment = req.get("payment") or {"method": "cash"}
+        payment = req.get("payment")
+        if payment is None:
+            payment = {"method": "cash"}
         if not isinstance(payment, dict) or payment.get("method") not in ("cash", "card", "qr"):
             raise Invalid("payment_method_unknown", "payment.method must be 'cash', 'card' or 'qr'",
                           field="payment.method")
@@ -380,6 +409,10 @@ class SettlementService:
 
     # ------------------------------------------------------------------ settlement
     def _existing(self, conn: Connection, **where: str):
+        """The first settlement row matching ``where`` (column -> value), or None — also for a
+        value no id can hold (not printable text, e.g. a NUL, which PostgreSQL text refuses)."""
+        if not all(isinstance(v, str) and v.isprintable() for v in where.values()):
+            return None
         q = select(settlements)
         for k, v in where.items():
             q = q.where(settlements.c[k] == v)
@@ -398,7 +431,12 @@ class SettlementService:
         if row.request_hash != visit.request_hash:
             raise Conflict("exists_with_different_content",
                            f"visit {visit.mdtrt_id} batch {visit.chrg_bchno} was settled with another bill")
-        return self._document(row, replayed=True)
+        doc = self._document(row, replayed=True)
+        if doc["status"] != "settled" and row.msgid != visit.msgid:
+            # a new message for a visit whose settlement was undone: not a lost answer to replay
+            raise Conflict("settlement_undone", f"visit {visit.mdtrt_id} batch {visit.chrg_bchno} was settled and "
+                           f"then {doc['status']}; settle it again with a new chrg_bchno")
+        return doc
 
     def settle(self, ctx: TerminalContext, req: dict) -> dict:
         """NHSA 2207/2304: settle a visit and post its one ledger entry (see module docstring).
@@ -441,9 +479,18 @@ class SettlementService:
             if _attempt:  # a concurrent settlement of this person moved their accounts: read again
                 sc = self._context(ctx, visit, year)
             state, net = self._state_of(names, sc.balances)
+            if policy.is_inpatient and not visit.interim and net.get("adm_final", 0) > 0:
+                raise Conflict("admission_already_settled",
+                               f"admission {visit.mdtrt_id} already has its final settlement; settle further "
+                               "batches as interim (mid_setl_flag '1') or cancel the final one first")
             result = self._split(policy, state, visit)
             info = result.setlinfo
             wallet_pay = info.psn_cash_pay if method in ("card", "qr") else 0
+            if wallet_pay and auth is None and method == "card" and not ("arqc" in visit.payment
+                                                                         and "atc" in visit.payment):
+                # pre-settled with nothing to pay by card, but now there is (the accounts moved)
+                raise Rejected("amount_mismatch", f"the amount due is now {wallet_pay} fen; present the card "
+                               "for it", status=409, amount_due_fen=wallet_pay)
             if wallet_pay and auth is None:
                 try:
                     auth = self.cards.authorise(visit.payment, amount_fen=wallet_pay, terminal_id=ctx.terminal_id,
@@ -472,8 +519,10 @@ class SettlementService:
             pan = auth.pan if auth else (visit.payment.get("pan") if method != "cash" else None)
             legs = self._legs(names, payable, info, wallet_pay, pan, policy.is_inpatient, visit.interim)
             row = self._row(ctx, visit, setl_id, entry_key, business_date, year, info, result, method,
-                            auth.pan if auth else None, wallet_pay, kind="settlement", insutype=citizen.insutype)
-            doc = self._document_from(row, replayed=False, arpc=auth.arpc_hex if auth else "")
+                            auth.pan if auth else None, wallet_pay, kind="settlement", insutype=citizen.insutype,
+                            arpc=auth.arpc_hex if auth and auth.arpc_hex else None)
+            doc = self._document_from(row, replayed=False)
+            doc["status"] = "settled"
             if not legs:
                 if self._insert_rows([row]):
                     return doc
@@ -488,7 +537,12 @@ class SettlementService:
                 assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
             hook = InsertRows(settlements, [row])
             try:
-                outcome = self.submit(entry, (hook, self.cards.counter_hook(unspent[0])) if unspent else hook)
+                outcome = self._post(entry, (hook, self.cards.counter_hook(unspent[0])) if unspent else hook)
+            except RowTaken:  # a concurrent request took this msgid (or this very visit) first
+                replay = self._replay_or_conflict(ctx, visit)
+                if replay is not None:
+                    return replay
+                raise Conflict("msgid_reused", f"msgid {visit.msgid} was used for another request") from None
             except HookRefused:  # the card's counter was used meanwhile (by a copy of this
                 unspent.clear()  # request?), or the card was blocked since it was read
                 replay = self._await_duplicate(ctx, visit)
@@ -498,7 +552,13 @@ class SettlementService:
                 raise Rejected("atc_replayed", f"card {auth.pan}: ATC {auth.atc} was already used") from None
             if outcome.ok:
                 unspent.clear()  # accepted with the payment (or by the original this replays)
-                return self._replay_or_conflict(ctx, visit) if outcome.replayed else doc
+                if not outcome.replayed:
+                    return doc
+                replay = self._replay_or_conflict(ctx, visit)
+                if replay is None:  # the entry key is another visit's: cannot happen with ids free of ':'
+                    raise Conflict("exists_with_different_content", f"visit {visit.mdtrt_id} batch "
+                                   f"{visit.chrg_bchno} collides with another settlement")
+                return replay
             if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:
                 contention_backoff(_attempt)
                 continue  # a concurrent settlement of this person: re-read and re-split
@@ -509,6 +569,17 @@ class SettlementService:
                 continue
             raise self._refusal(outcome, legs)
         raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid")
+
+    def _post(self, entry: EntrySpec, hook) -> EntryOutcome:
+        """Submit ``entry`` with its row hooks; a unique violation of a row (the msgid or the
+        visit, inserted by a concurrent request first: the batch was rolled back, the others in
+        it applied again) becomes :class:`RowTaken`."""
+        try:
+            return self.submit(entry, hook)
+        except Exception as exc:
+            if is_unique_violation(exc):
+                raise RowTaken(str(exc)) from exc
+            raise
 
     def _await_duplicate(self, ctx: TerminalContext, visit: Visit) -> dict | None:
         """The card's counter (or the QR code) was already used: if that was by a copy of this
@@ -531,8 +602,10 @@ class SettlementService:
         else:
             legs.append((contra, names["dedc"], info.act_pay_dedc))
         legs += [(contra, names["hifp"], info.hifp_pay), (contra, names["hifmi"], info.hifmi_pay)]
-        if inpatient and not interim:
+        if inpatient and not interim:  # the admission ends: counted once, its final settlement made
             legs.append((contra, names["admissions"], 1))
+            if "adm_final" in names:
+                legs.append((contra, names["adm_final"], 1))
         return [leg for leg in legs if leg[2] > 0]
 
     def _refusal(self, outcome: EntryOutcome, legs) -> Exception:
@@ -549,7 +622,8 @@ class SettlementService:
 
     def _row(self, ctx: TerminalContext, visit: Visit, setl_id: str, entry_key: str, business_date: dt.date,
              year: int, info, result, method: str, pan: str | None, wallet_pay: int, *, kind: str, insutype: str,
-             original: str | None = None, chrg_bchno: str | None = None, msgid: str | None = None) -> dict:
+             original: str | None = None, chrg_bchno: str | None = None, msgid: str | None = None,
+             arpc: str | None = None) -> dict:
         setlinfo = info.to_dict()
         setlinfo.update(setl_id=setl_id, mdtrt_id=visit.mdtrt_id, psn_no=visit.psn_no)
         return dict(setl_id=setl_id, fixmedins_code=ctx.org_code, mdtrt_id=visit.mdtrt_id,
@@ -560,7 +634,8 @@ class SettlementService:
                     hifp_pay=info.hifp_pay, acct_pay=info.acct_pay, psn_cash_pay=info.psn_cash_pay,
                     wallet_pay=wallet_pay, setlinfo=json.dumps(setlinfo),
                     lines=json.dumps([x.to_dict() for x in result.lines]), request_hash=visit.request_hash,
-                    entry_key=entry_key, kind=kind, original_setl_id=original, created_ts=self.clock_us())
+                    entry_key=entry_key, kind=kind, original_setl_id=original, created_ts=self.clock_us(),
+                    arpc=arpc)
 
     def _insert_rows(self, rows: list[dict]) -> bool:
         """Insert settlement rows of an entry that moves no money (everything paid in cash at
@@ -574,7 +649,7 @@ class SettlementService:
             return False
         return True
 
-    def _document_from(self, row: dict, *, replayed: bool, arpc: str = "") -> dict:
+    def _document_from(self, row: dict, *, replayed: bool) -> dict:
         return {
             "setl_id": row["setl_id"], "msgid": row["msgid"], "mdtrt_id": row["mdtrt_id"],
             "chrg_bchno": row["chrg_bchno"], "psn_no": row["psn_no"], "fixmedins_code": row["fixmedins_code"],
@@ -582,7 +657,7 @@ class SettlementService:
             "original_setl_id": row["original_setl_id"], "setlinfo": json.loads(row["setlinfo"]),
             "lines": json.loads(row["lines"]),
             "payment": {"method": row["pay_method"], "pan": row["pan"], "wallet_pay_fen": row["wallet_pay"],
-                        "arpc": arpc},
+                        "arpc": row.get("arpc") or ""},
             "replayed": replayed,
         }
 
@@ -591,8 +666,12 @@ class SettlementService:
         with self.engine.connect() as conn:
             cancel = conn.execute(select(settlements.c.setl_id, settlements.c.kind)
                                   .where(settlements.c.original_setl_id == row.setl_id)).all()
-        doc["status"] = "settled" if row.kind == "settlement" and not cancel else (
-            "cancelled" if row.kind == "settlement" else row.kind)
+        if row.kind != "settlement":
+            doc["status"] = row.kind
+        elif not cancel:
+            doc["status"] = "settled"
+        else:  # undone: by a cancellation alone, or by a partial refund (a new settlement beside it)
+            doc["status"] = "refunded" if any(k == "settlement" for _, k in cancel) else "cancelled"
         return doc
 
     # ------------------------------------------------------------------ queries
@@ -654,7 +733,13 @@ class SettlementService:
             entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
                               transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
                               metadata={"setl_id": cancel_id, "legs_from": 0})
-            outcome = self.submit(entry, InsertRows(settlements, [row]))
+            try:
+                outcome = self._post(entry, InsertRows(settlements, [row]))
+            except RowTaken:  # the msgid was taken by a concurrent request
+                done = self._find_reversal(orig, msgid)
+                if done is not None:
+                    return done
+                raise Conflict("msgid_reused", f"msgid {msgid} was used for another request") from None
             if not outcome.ok or outcome.replayed:  # a replay: a concurrent cancellation, maybe another msgid's
                 done = self._find_reversal(orig, msgid)
                 if done is not None:
@@ -757,6 +842,7 @@ class SettlementService:
                 raise Conflict("already_cancelled", f"settlement {setl_id} was already cancelled or refunded") from None
             result = self._split(policy, without, visit)
             info = result.setlinfo
+            refuse_refund_that_charges_more(info0, info)
             wallet_pay = info.psn_cash_pay if orig.pay_method in ("card", "qr") else 0
             new_legs = self._legs(names, payable, info, wallet_pay, orig.pan, inpatient, interim)
             reverse = [(c, d, a) for d, c, a in old_legs]
@@ -779,7 +865,13 @@ class SettlementService:
                         return done
                     raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
                 return self._refund_document(new_row, info0, info, replayed=False)
-            outcome = self.submit(entry, InsertRows(settlements, [cancel_row, new_row]))
+            try:
+                outcome = self._post(entry, InsertRows(settlements, [cancel_row, new_row]))
+            except RowTaken:  # the msgid was taken by a concurrent request
+                done = self._find_reversal(orig, msgid)
+                if done is not None:
+                    return done
+                raise Conflict("msgid_reused", f"msgid {msgid} was used for another request") from None
             if outcome.ok and outcome.replayed:  # a concurrent refund posted it, maybe under another msgid
                 done = self._find_reversal(orig, msgid)
                 if done is not None:

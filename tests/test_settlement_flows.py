@@ -604,7 +604,7 @@ def test_partial_refund_gives_each_payer_exactly_its_difference(world):
     again = world.svc.refund(CLINIC, orig["setl_id"], {"msgid": msg, "returns": [
         {"feedetl_sn": "1", "cnt": "1"}, {"feedetl_sn": "3", "cnt": "7"}]})
     assert again["replayed"] is True and again["setl_id"] == r["setl_id"]
-    assert world.svc.get(CLINIC, orig["setl_id"])["status"] == "cancelled"
+    assert world.svc.get(CLINIC, orig["setl_id"])["status"] == "refunded"
     assert world.svc.get(CLINIC, r["setl_id"])["status"] == "settled"
     with pytest.raises(Conflict):
         world.svc.refund(CLINIC, orig["setl_id"], {"msgid": world.msgid(world.next()),
@@ -686,7 +686,7 @@ def test_a_settlement_produced_by_a_refund_can_be_refunded_and_cancelled_in_turn
     # Cancelling the last settlement of the chain brings everything back to before the first.
     world.svc.cancel(CLINIC, r2["setl_id"], {"msgid": world.msgid(world.next())})
     assert same_nets(before, world.snapshot()) == []
-    assert [world.svc.get(CLINIC, x["setl_id"])["status"] for x in (orig, r1, r2)] == ["cancelled"] * 3
+    assert [world.svc.get(CLINIC, x["setl_id"])["status"] for x in (orig, r1, r2)] == ["refunded", "refunded", "cancelled"]
     with pytest.raises(Conflict):
         world.svc.cancel(CLINIC, r1["setl_id"], {"msgid": world.msgid(world.next())})
 
@@ -830,7 +830,14 @@ def run_commands(world: World, cmds: list[tuple]) -> Model:
                 without = model.without(s)
                 expected = model.split(remaining, without)
                 new_wallet = expected.setlinfo.psn_cash_pay if s.method in ("card", "qr") else 0
-                if model.wallet + s.wallet_pay - new_wallet < 0:  # a fen more than before (ceilings)
+                if expected.setlinfo.psn_cash_pay > s.info.psn_cash_pay:
+                    # the patient would pay more (freed deductible, or a fen of a ceiling's
+                    # rounding): a refund never takes money from the patient; nothing moves
+                    with pytest.raises(Conflict) as refused:
+                        world.svc.refund(CLINIC, s.setl_id, req)
+                    assert refused.value.code == "refund_would_charge_more", where
+                    continue
+                if model.wallet + s.wallet_pay - new_wallet < 0:
                     with pytest.raises(Rejected):
                         world.svc.refund(CLINIC, s.setl_id, req)
                     continue

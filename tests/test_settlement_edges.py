@@ -1,0 +1,197 @@
+"""Edge cases of the settlement flows (found by trying to break them), on SQLite and PostgreSQL:
+
+* a partial refund never takes money from the patient: when the remaining lines, re-split on
+  today's accumulators, would cost more than the whole bill did, it is refused;
+* an admission has one final settlement: a second final one is refused (the admission would be
+  counted twice), interim ones are not, and after cancelling the final one it can be made again;
+* visit ids may not contain ':' (the separator of the settlement's ledger key);
+* a message id is unique per clinic even when different visits send it at the same moment;
+* a replayed card settlement, and the query by msgid, carry the ARPC of the first answer;
+* a cancelled visit settled again under a new msgid is refused (not answered with the
+  cancelled settlement); under its own msgid it is the lost answer and replays;
+* ids that no id can be (a NUL) are "not found", never a database error;
+* NHSA 2204 codes that are not strings are refused;
+* a card payment pre-settled at 0 fen that now has something to pay is an amount mismatch;
+* a business day closed by another process is noticed within ``OPEN_DAY_RECHECK_S``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from functools import partial
+
+import pytest
+
+from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
+from settlement import chart
+from settlement.days import BusinessDays
+from tests.test_settlement_flows import CLINIC, make_world, nothing_moved
+
+
+@pytest.fixture
+def world(db_url, tmp_path):
+    with make_world(db_url, tmp_path) as w:
+        yield w
+
+
+def test_a_refund_that_would_charge_the_patient_more_is_refused(world):
+    p = world.add_person(personal_fen=0, wallet_fen=300_000)
+    a = world.settle(p, world.bill(("A", "600.00", "1")))  # takes the whole deductible
+    assert a["setlinfo"]["act_pay_dedc"] > 0
+    b = world.settle(p, world.bill(("A", "10.00", "10")), method="card")
+    world.svc.cancel(CLINIC, a["setl_id"], {"msgid": world.msgid(world.next())})  # frees the deductible
+    snap = world.pending_free_snapshot()
+    with pytest.raises(Conflict) as exc:
+        world.svc.refund(CLINIC, b["setl_id"], {"msgid": world.msgid(world.next()),
+                                                "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    assert exc.value.code == "refund_would_charge_more"
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    assert world.svc.get(CLINIC, b["setl_id"])["status"] == "settled"
+
+
+def test_an_admission_has_one_final_settlement(world):
+    p = world.add_person(personal_fen=0)
+    year = world.year()
+    mdtrt = f"ADM{world.next():08d}"
+    bill = world.bill(("A", "600.00", "2"))
+    interim = world.settle(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="1", mid_setl_flag="1")
+    final = world.settle(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="2", mid_setl_flag="0")
+    assert world.accum("admissions", p, year) == 1
+    snap = world.pending_free_snapshot()
+    with pytest.raises(Conflict) as exc:
+        world.settle(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="3", mid_setl_flag="0")
+    assert exc.value.code == "admission_already_settled"
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    # more interim batches of the admission are fine, and do not count it again
+    world.settle(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="4", mid_setl_flag="1")
+    assert world.accum("admissions", p, year) == 1
+    # after the final settlement is cancelled, the admission can be closed again — once
+    world.svc.cancel(CLINIC, final["setl_id"], {"msgid": world.msgid(world.next())})
+    assert world.accum("admissions", p, year) == 0
+    world.settle(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="5", mid_setl_flag="0")
+    assert world.accum("admissions", p, year) == 1
+    # a second admission is the second of the year
+    world.settle(p, bill, med_type="21", mdtrt_id=f"ADM{world.next():08d}", chrg_bchno="1")
+    assert world.accum("admissions", p, year) == 2
+    assert interim["setlinfo"]["act_pay_dedc"] > 0
+
+
+@pytest.mark.parametrize("field", ["mdtrt_id", "chrg_bchno"])
+def test_visit_ids_may_not_contain_the_key_separator(world, field):
+    p = world.add_person()
+    v = world.visit(p, world.bill(("A", "10.00", "1")))
+    v[field] = "V:1"
+    with pytest.raises(Invalid) as exc:
+        world.svc.settle(CLINIC, v)
+    assert exc.value.extra["field"] == field
+
+
+def test_a_replayed_card_answer_and_the_msgid_query_carry_the_arpc(world):
+    p = world.add_person(personal_fen=0, wallet_fen=100_000)
+    first = world.settle(p, world.bill(("C", "45.80", "1")), method="card")
+    arpc = first["payment"]["arpc"]
+    assert len(arpc) == 16 and first["status"] == "settled"
+    again = world.svc.settle(CLINIC, world.last_visit)
+    assert again["replayed"] is True and again["payment"]["arpc"] == arpc
+    assert world.svc.query_by_msgid(CLINIC, world.last_visit["msgid"])["payment"]["arpc"] == arpc
+
+
+def test_a_cancelled_visit_settled_again_under_a_new_msgid_is_refused(world):
+    p = world.add_person()
+    first = world.settle(p, world.bill(("A", "75.00", "2")))
+    v = dict(world.last_visit)
+    world.svc.cancel(CLINIC, first["setl_id"], {"msgid": world.msgid(world.next())})
+    with pytest.raises(Conflict) as exc:
+        world.svc.settle(CLINIC, dict(v, msgid=world.msgid(world.next())))
+    assert exc.value.code == "settlement_undone"
+    lost = world.svc.settle(CLINIC, v)  # its own msgid: the answer the terminal lost
+    assert lost["replayed"] is True and lost["status"] == "cancelled" and lost["setl_id"] == first["setl_id"]
+
+
+@pytest.mark.parametrize("bad", ["\x00", "a\x00b", "\x07"])
+def test_ids_no_id_can_be_are_not_found(world, bad):
+    with pytest.raises(NotFound):
+        world.svc.query_by_msgid(CLINIC, bad)
+    with pytest.raises(NotFound):
+        world.svc.get(CLINIC, bad)
+    with pytest.raises(NotFound):
+        world.svc.cancel(CLINIC, bad, {"msgid": world.msgid(world.next())})
+    with pytest.raises(NotFound):
+        world.c.cards.card(bad)
+    p = world.add_person(personal_fen=0, wallet_fen=10_000)
+    v = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
+    v["payment"] = dict(world.card_payment(p, 4_580), pan=p.pan + bad)
+    with pytest.raises(NotFound):
+        world.svc.settle(CLINIC, v)
+
+
+@pytest.mark.parametrize("code", [["X"], {"a": 1}, 12])
+def test_2204_codes_must_be_strings(world, code):
+    p = world.add_person()
+    v = world.visit(p, world.bill(("A", "10.00", "1")))
+    del v["lines"]
+    v["feedetail"] = [{"feedetl_sn": "1", "med_list_codg": code, "pric": "10.00", "cnt": "1"}]
+    with pytest.raises(Invalid) as exc:
+        world.svc.settle(CLINIC, v)
+    assert "must be a string" in str(exc.value)
+
+
+def test_a_card_payment_presettled_at_zero_that_now_owes_is_an_amount_mismatch(world):
+    p = world.add_person(personal_fen=50_000, wallet_fen=100_000)
+    v = world.visit(p, world.bill(("A", "20.00", "1")), method="card")
+    assert world.svc.presettle(CLINIC, v)["setlinfo"]["psn_cash_pay"] == 0  # the account pays it all
+    world.settle(p, world.bill(("A", "600.00", "1")))  # meanwhile the account is emptied
+    v["payment"] = {"method": "card", "pan": p.pan}
+    with pytest.raises(Rejected) as exc:
+        world.svc.settle(CLINIC, v)
+    assert exc.value.code == "amount_mismatch" and exc.value.status == 409
+    assert exc.value.extra["amount_due_fen"] > 0
+
+
+def test_a_day_closed_by_another_process_is_noticed(world):
+    other = BusinessDays(world.c.engine, world.clock, recheck_s=0.0)   # "another engine process"
+    mine = BusinessDays(world.c.engine, world.clock, recheck_s=0.05)
+    day = mine.current()
+    other.close(day, {"closed_by": "test"})
+    assert mine.current() == day  # trusted for recheck_s
+    threading.Event().wait(0.06)
+    assert mine.current() == day + dt.timedelta(days=1)
+
+
+@pytest.mark.pg
+def test_one_msgid_for_different_visits_at_once_settles_one(pg_url, tmp_path):
+    from tests.test_settlement_concurrency import at_once
+
+    for group_commit in (False, True):
+        with make_world(pg_url, tmp_path / str(group_commit), group_commit=group_commit) as w:
+            p = w.add_person()
+            bill = w.bill(("A", "30.00", "1"))
+            msgid = w.msgid(w.next())
+            visits = [dict(w.visit(p, bill), msgid=msgid) for _ in range(5)]
+            results = at_once([partial(w.svc.settle, CLINIC, v) for v in visits])
+            ok = [r for kind, r in results if kind == "ok"]
+            refused = [r for kind, r in results if kind == "error"]
+            assert len(ok) == 1, [repr(r) for r in refused]
+            assert all(isinstance(e, DomainError) and e.code == "msgid_reused" for e in refused), refused
+            assert w.svc.query_by_msgid(CLINIC, msgid)["mdtrt_id"] == ok[0]["mdtrt_id"]
+            assert w.ledger.trial_balance().balanced
+
+
+@pytest.mark.parametrize("atc", [1.5, True, "7"])
+def test_an_atc_must_be_a_json_integer(world, atc):
+    p = world.add_person(personal_fen=0, wallet_fen=10_000)
+    v = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
+    v["payment"] = dict(world.card_payment(p, 4_580), atc=atc)
+    with pytest.raises(Invalid) as exc:
+        world.svc.settle(CLINIC, v)
+    assert exc.value.code == "card_auth_malformed"
+
+
+@pytest.mark.parametrize("payment", [[], "", 0, "cash"])
+def test_a_payment_that_is_not_an_object_is_refused(world, payment):
+    p = world.add_person()
+    v = dict(world.visit(p, world.bill(("A", "10.00", "1"))), payment=payment)
+    with pytest.raises(Invalid) as exc:
+        world.svc.settle(CLINIC, v)
+    assert exc.value.code == "payment_method_unknown"
