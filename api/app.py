@@ -47,6 +47,17 @@ from terminals.signing import SignatureError, sign_response, verify_request
 log = logging.getLogger("citizencard.api")
 
 
+def json_bytes(doc) -> bytes:
+    """UTF-8 JSON of an answer; with any text that UTF-8 cannot carry (a lone surrogate that
+    reached a stored field) ASCII-escaped instead, so that an answer whose work is done is
+    always delivered, signed."""
+    text = json.dumps(doc, ensure_ascii=False, default=str)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(doc, default=str).encode()
+
+
 def create_app(container: Container) -> FastAPI:
     """The FastAPI application over a bootstrapped :class:`Container`."""
     app = FastAPI(title="Citizen-card payment and medical settlement engine", version="0.1.0",
@@ -144,8 +155,7 @@ def create_app(container: Container) -> FastAPI:
         code = status
         if isinstance(result, dict) and result.get("replayed"):
             code = 200
-        return signed_response(request, code, json.dumps(result, ensure_ascii=False, default=str).encode(),
-                               "application/json")
+        return signed_response(request, code, json_bytes(result), "application/json")
 
     s = container.settlements
 

@@ -119,9 +119,14 @@ def text_field(req: dict, name: str, *, chars_max: int = ID_CHARS_MAX, required:
 
 
 def fingerprint(doc: Any) -> str:
-    """SHA-256 of the canonical JSON of a request's business content (idempotency check)."""
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-                          .encode()).hexdigest()
+    """SHA-256 of the canonical JSON of a request's business content (idempotency check).
+    Raises Invalid for text UTF-8 cannot carry (a lone surrogate, which JSON's ``\\ud800``
+    escape can smuggle in)."""
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return hashlib.sha256(text.encode()).hexdigest()
+    except UnicodeEncodeError:
+        raise Invalid("text_invalid", "the request holds text that is not valid Unicode (a lone surrogate)") from None
 
 
 def await_replay(lookup: Callable[[], dict | None], wait_s: float = DUPLICATE_WAIT_S) -> dict | None:
@@ -146,18 +151,22 @@ def refuse_refund_that_charges_more(original: dict, new) -> None:
     """A partial refund returns units, so the patient must not pay more than they did. The
     re-split of the remaining lines uses the person's accumulators as they are now; when those
     moved since (another settlement of the year was cancelled and freed the deductible, say),
-    the remaining lines can leave a larger self-paid part than the whole bill did. A refund
-    must not take money from the patient — from the card wallet without the card, or at the
-    counter — so this raises Conflict ``refund_would_charge_more`` with the fen; the clinic
-    then cancels the settlement and settles the remaining lines anew, with the card presented.
-    (Shifts between the other payers — the fund paying more because cap room was freed, the
-    personal account because it was topped up — leave the patient better off and stand.)"""
-    more = new.psn_cash_pay - original["psn_cash_pay"]
-    if more > 0:
+    the remaining lines can cost the patient more than the whole bill did. A refund must not
+    take the patient's money: neither more cash (from the card wallet without the card, or at
+    the counter: ``psn_cash_pay``) nor more of their own in all (``acct_pay + psn_cash_pay``:
+    the personal account is theirs too). Raises Conflict ``refund_would_charge_more`` with the
+    fen; the clinic then cancels the settlement and settles the remaining lines anew, with the
+    card presented. (The fund paying more because cap room was freed, or the personal account
+    paying more of a smaller own part because it was topped up, leave the patient better off
+    and stand.)"""
+    cash = new.psn_cash_pay - original["psn_cash_pay"]
+    own = cash + new.acct_pay - original["acct_pay"]
+    if cash > 0 or own > 0:
         raise Conflict("refund_would_charge_more",
-                       f"the remaining lines, split on the person's accounts as they are now, would cost the "
-                       f"patient {more} fen more than the whole bill did; cancel the settlement and settle the "
-                       "remaining lines anew")
+                       "the remaining lines, split on the person's accounts as they are now, would cost the "
+                       f"patient {max(cash, own)} fen more than the whole bill did"
+                       f"{' in cash or from the card' if cash > 0 else ' from the personal account'}; cancel the "
+                       "settlement and settle the remaining lines anew")
 
 
 def undo_key(setl_id: str) -> str:
@@ -302,6 +311,9 @@ class SettlementService:
                 raise Invalid("line_invalid", f"lines[{i}].chrgitm_lv: {given!r} is not a charge item class "
                               "(A, B or C)", field=f"lines[{i}].chrgitm_lv")
             line = {k: raw[k] for k in ("feedetl_sn", "hilist_code", "name", "pric", "cnt") if k in raw}
+            for k in ("feedetl_sn", "hilist_code", "name"):
+                if isinstance(line.get(k), str) and not line[k].isprintable():  # NUL, control, lone surrogate
+                    raise Invalid("line_invalid", f"lines[{i}].{k}: must be printable text", field=f"lines[{i}].{k}")
             code = raw.get("hilist_code") or ""
             if not isinstance(code, str):
                 raise Invalid("line_invalid", f"lines[{i}].hilist_code: must be a string", field=f"lines[{i}].hilist_code")

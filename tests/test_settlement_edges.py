@@ -195,3 +195,49 @@ def test_a_payment_that_is_not_an_object_is_refused(world, payment):
     with pytest.raises(Invalid) as exc:
         world.svc.settle(CLINIC, v)
     assert exc.value.code == "payment_method_unknown"
+
+
+def test_a_refund_that_would_take_more_from_the_personal_account_is_refused(world):
+    p = world.add_person(personal_fen=300_000)
+    world.settle(p, world.bill(("A", "600.00", "1")))
+    a = world.svc.query_by_msgid(CLINIC, world.last_visit["msgid"])
+    b = world.settle(p, world.bill(("A", "10.00", "10")))
+    assert b["setlinfo"]["psn_cash_pay"] == 0 and b["setlinfo"]["acct_pay"] > 0
+    world.svc.cancel(CLINIC, a["setl_id"], {"msgid": world.msgid(world.next())})
+    snap = world.pending_free_snapshot()
+    with pytest.raises(Conflict) as exc:
+        world.svc.refund(CLINIC, b["setl_id"], {"msgid": world.msgid(world.next()),
+                                                "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    assert exc.value.code == "refund_would_charge_more" and "personal account" in str(exc.value)
+    assert nothing_moved(snap, world.pending_free_snapshot())
+
+
+@pytest.mark.parametrize("field", ["name", "hilist_code", "feedetl_sn"])
+@pytest.mark.parametrize("bad", ["\ud800", "a\x00b"])
+def test_line_text_must_be_printable(world, field, bad):
+    p = world.add_person()
+    v = world.visit(p, world.bill(("A", "10.00", "1")))
+    v["lines"][0][field] = bad
+    snap = world.pending_free_snapshot()
+    with pytest.raises(Invalid):
+        world.svc.settle(CLINIC, v)
+    with pytest.raises(Invalid):
+        world.svc.presettle(CLINIC, v)
+    assert nothing_moved(snap, world.pending_free_snapshot())
+
+
+def test_a_lone_surrogate_in_a_payment_is_invalid_not_a_crash(world):
+    from settlement.service import fingerprint
+
+    with pytest.raises(Invalid) as exc:
+        fingerprint({"pan": "62\ud800"})
+    assert exc.value.code == "text_invalid"
+
+
+def test_an_answer_with_text_utf8_cannot_carry_is_still_delivered():
+    import json
+
+    from api.app import json_bytes
+
+    assert json.loads(json_bytes({"name": "a\ud800b", "x": "中"})) == {"name": "a\ud800b", "x": "中"}
+    assert json_bytes({"x": "中"}) == '{"x": "中"}'.encode()

@@ -830,7 +830,9 @@ def run_commands(world: World, cmds: list[tuple]) -> Model:
                 without = model.without(s)
                 expected = model.split(remaining, without)
                 new_wallet = expected.setlinfo.psn_cash_pay if s.method in ("card", "qr") else 0
-                if expected.setlinfo.psn_cash_pay > s.info.psn_cash_pay:
+                e = expected.setlinfo
+                if e.psn_cash_pay > s.info.psn_cash_pay or \
+                        e.psn_cash_pay + e.acct_pay > s.info.psn_cash_pay + s.info.acct_pay:
                     # the patient would pay more (freed deductible, or a fen of a ceiling's
                     # rounding): a refund never takes money from the patient; nothing moves
                     with pytest.raises(Conflict) as refused:
