@@ -231,29 +231,32 @@ class CardService:
             log.warning("card %s: ATC %d could not be marked used", auth.pan, auth.atc, exc_info=True)
 
     def _advance_atc(self, pan: str, atc: int) -> None:
-        """Accept ATC ``atc`` of card ``pan`` once (compare-and-set ``last_atc < atc`` on an active
-        card; EMV Book 2: an ATC at or below the last accepted one is a replay). One autocommit
-        statement on PostgreSQL, never retried after a lost connection (a retry could not tell
-        its own first write from a replay). Raises Rejected ``atc_replayed``."""
-        if is_sqlite(self.engine):
-            with write_connection(self.engine) as conn:
-                done = conn.execute(update(cards).where(cards.c.pan == pan, cards.c.status == "active",
-                                                        (cards.c.last_atc.is_(None)) | (cards.c.last_atc < atc))
-                                    .values(last_atc=atc)).rowcount
-        else:
-            from ledger.store_pg import run_prepared, text_literal
+        """Accept ATC ``atc`` of card ``pan`` once, on its own: the compare-and-set of
+        :class:`AdvanceCounter` in its own transaction (EMV Book 2: an ATC at or below the last
+        accepted one is a replay). One autocommit statement on PostgreSQL, never retried after a
+        lost connection (a retry could not tell its own first write from a replay). Raises
+        Rejected ``atc_replayed``."""
+        hook = AdvanceCounter(pan, atc)
+        try:
+            if is_sqlite(self.engine):
+                with write_connection(self.engine) as conn:
+                    AdvanceCounter.run_sa(conn, [hook])
+            else:
+                from ledger.store_pg import run_prepared
 
-            res = run_prepared(self.engine, _ADVANCE_STATEMENTS,
-                               f"EXECUTE {_ADVANCE}({text_literal(pan)}, {int(atc)})", idempotent=False)[-1]
-            done = res.command_tuples
-        if done != 1:
-            raise Rejected("atc_replayed", f"card {pan}: ATC {atc} was already used")
+                run_prepared(self.engine, AdvanceCounter.pg_prepared, AdvanceCounter.pg_sql([hook]), idempotent=False)
+        except Exception as exc:
+            from ledger.store_pg import hook_refusal
+
+            if not isinstance(exc, HookRefused) and hook_refusal(exc) is None:
+                raise
+            raise Rejected("atc_replayed", f"card {pan}: ATC {atc} was already used") from None
 
 
 class AdvanceCounter(BatchedHook):
     """A ledger hook accepting card ``pan``'s ATC ``atc`` in the transaction of the entry that
-    pays with it: the compare-and-set of :meth:`CardService._advance_atc` (``last_atc < atc``,
-    card active) for every card paying in a batch, as one guarded UPDATE. If any counter was
+    pays with it: a compare-and-set (``last_atc < atc``, card active) for every card paying in a
+    batch, as one guarded UPDATE (also what :meth:`CardService._advance_atc` runs on its own). If any counter was
     used meanwhile (a replayed cryptogram racing its original) the hook refuses
     (:class:`ledger.db.HookRefused`) and nothing of that entry is written."""
 
@@ -291,13 +294,5 @@ SELECT CASE WHEN (SELECT count(*) FROM u) = cardinality($1) THEN 0
                                 .values(last_atc=h.atc)).rowcount
             if done != 1:
                 raise HookRefused(f"card {h.pan}: ATC {h.atc} already used")
-
-
-_ADVANCE = "card_advance_atc_v1"
-_ADVANCE_STATEMENTS = {_ADVANCE: f"""
-PREPARE {_ADVANCE} (text, int) AS
-UPDATE cards SET last_atc = $2
-WHERE pan = $1 AND status = 'active' AND (last_atc IS NULL OR last_atc < $2)
-"""}
 
 

@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, insert, select, text
 
 from ledger import schema as s
-from ledger.db import HOOK_REFUSED, HookRefused, is_sqlite, run_with_retry
+from ledger.db import is_sqlite, run_with_retry
 from ledger.machine import (F_EXPIRED_VOID, F_NONE, F_PENDING, F_POST, F_VOID, S_EXPIRED, S_PENDING,
                             S_POSTED, S_VOIDED, Prepared, finish, is_valid_key, plan_batch, prepare)
 from ledger.model import (INT32_MAX, KEY_LENGTH_MAX, TRANSFER_KEY_LENGTH_MAX, AccountFlags, AccountKind,
                           AccountResult, AccountSpec, Balance, EntryOutcome, EntrySpec, TransferFlags)
 from ledger.money import AMOUNT_FEN_MAX, CURRENCY_EXPONENTS
 from ledger.store_pg import (BEGIN_BARE, BEGIN_SHARED, PG_IDLE, HotPool, PgStore, ensure_prepared,
-                             execute as pg_execute, seal_watermark, text_literal)
+                             execute as pg_execute, hook_refusal, seal_watermark, text_literal)
 from ledger.store_sqlite import SqliteStore
 
 BATCH_ENTRIES_MAX = 4096
@@ -878,8 +878,9 @@ def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:
         try:
             pg_execute(raw, sql)
         except Exception as exc:
-            if HOOK_REFUSED in str(exc):
-                raise HookRefused(str(exc).split(HOOK_REFUSED, 1)[1].split('"')[0]) from exc
+            refused = hook_refusal(exc)
+            if refused is not None:
+                raise refused from exc
             raise
 
 

@@ -353,6 +353,15 @@ def ensure_prepared(raw, info: dict, statements: dict[str, str]) -> None:
     info[tag] = True
 
 
+def hook_refusal(exc: BaseException) -> HookRefused | None:
+    """The :class:`HookRefused` that a PostgreSQL error carries (its message holds
+    :data:`HOOK_REFUSED`, raised by a batched hook's guard), or None for any other error."""
+    text = str(exc)
+    if HOOK_REFUSED not in text:
+        return None
+    return HookRefused(text.split(HOOK_REFUSED, 1)[1].split('"')[0])
+
+
 def forget_prepared(info: dict, statements: dict[str, str]) -> None:
     """Make the next :func:`ensure_prepared` of ``statements`` on this session check again."""
     info.pop("prepared:" + ",".join(statements), None)
@@ -573,8 +582,9 @@ class PgStore:
         except Exception as exc:
             if GUARD in str(exc):
                 raise StaleReadError(str(exc)) from exc
-            if HOOK_REFUSED in str(exc):
-                raise HookRefused(str(exc).split(HOOK_REFUSED, 1)[1].split('"')[0]) from exc
+            refused = hook_refusal(exc)
+            if refused is not None:
+                raise refused from exc
             raise
         return eids[:len(es)], tids[:len(ts)]
 

@@ -737,10 +737,7 @@ class SettlementService:
                    created_ts=self.clock_us(), request_hash=fingerprint({"cancel": setl_id}))
         if not legs:
             if not self._insert_rows([row]):
-                done = self._find_reversal(orig, msgid)
-                if done is not None:
-                    return done
-                raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
+                return self._reversal_or_msgid_reused(orig, msgid)
         else:
             entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
                               transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
@@ -748,10 +745,7 @@ class SettlementService:
             try:
                 outcome = self._post(entry, InsertRows(settlements, [row]))
             except RowTaken:  # the msgid was taken by a concurrent request
-                done = self._find_reversal(orig, msgid)
-                if done is not None:
-                    return done
-                raise Conflict("msgid_reused", f"msgid {msgid} was used for another request") from None
+                return self._reversal_or_msgid_reused(orig, msgid)
             if not outcome.ok or outcome.replayed:  # a replay: a concurrent cancellation, maybe another msgid's
                 done = self._find_reversal(orig, msgid)
                 if done is not None:
@@ -759,6 +753,15 @@ class SettlementService:
                 if not outcome.ok:
                     raise self._refusal(outcome, legs)
         return self._document_from(row, replayed=False)
+
+    def _reversal_or_msgid_reused(self, orig, msgid: str) -> dict:
+        """After this message's reversal row could not be written: the reversal this message
+        made (a concurrent copy wrote it), or Conflict ``msgid_reused`` (another request holds
+        the msgid)."""
+        done = self._find_reversal(orig, msgid)
+        if done is not None:
+            return done
+        raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
 
     def _find_reversal(self, orig, msgid: str) -> dict | None:
         with self.engine.connect() as conn:
@@ -872,18 +875,12 @@ class SettlementService:
                               assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
             if not transfers:  # nothing moved through the ledger either way: cash only
                 if not self._insert_rows([cancel_row, new_row]):
-                    done = self._find_reversal(orig, msgid)
-                    if done is not None:
-                        return done
-                    raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
+                    return self._reversal_or_msgid_reused(orig, msgid)
                 return self._refund_document(new_row, info0, info, replayed=False)
             try:
                 outcome = self._post(entry, InsertRows(settlements, [cancel_row, new_row]))
             except RowTaken:  # the msgid was taken by a concurrent request
-                done = self._find_reversal(orig, msgid)
-                if done is not None:
-                    return done
-                raise Conflict("msgid_reused", f"msgid {msgid} was used for another request") from None
+                return self._reversal_or_msgid_reused(orig, msgid)
             if outcome.ok and outcome.replayed:  # a concurrent refund posted it, maybe under another msgid
                 done = self._find_reversal(orig, msgid)
                 if done is not None:
