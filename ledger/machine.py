@@ -232,6 +232,17 @@ class Plan:
     #: or ("replay", batch index of the first occurrence)
     results: list = field(default_factory=list)
     expired_count: int = 0
+    #: What the decisions read of the balances, for a write that checks them later (the group
+    #: committer's speculation): accounts whose exact balances a decision depended on (named by
+    #: a balance assertion; refused for a limit or an overflow) …
+    exact: set[int] = field(default_factory=set)
+    #: … and, per limited account an accepted entry was checked on, the smallest slack left by
+    #: those checks: [debit-side slack or None, credit-side slack or None] (fen; ``DMNEC``:
+    #: credits posted + limit - debits; ``CMNED``: debits posted + limit - credits). Every
+    #: acceptance still holds on balances that differ by less than that slack in the limit's
+    #: favour. Other accounts' balances were not read by any decision: moved by anyone, the
+    #: batch's additive balance updates stay right.
+    slack: dict[int, list] = field(default_factory=dict)
 
     @property
     def writes(self) -> bool:
@@ -322,6 +333,8 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
     for a in spec.assertions:
         acc = accounts.get(a.account)
         actual = (acc.cpo - acc.dpo) if acc is not None else None
+        if acc is not None:
+            plan.exact.add(acc.id)
         if actual != a.expected_fen:
             return EntryOutcome(key, EntryResult.BALANCE_ASSERTION_FAILED,
                                 detail=f"{a.account}: expected {a.expected_fen}, found {actual}")
@@ -429,22 +442,41 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
 
     # Balance rules on each account's net change within the entry.
     by_id = snap.by_id
+    checked: list[tuple[int, int, int]] = []  # (account id, side 0 debit / 1 credit, slack)
     for acc_id, (dp, dpo, cp, cpo) in deltas.items():
         a = by_id[acc_id]
         debits = a.dp + dp + a.dpo + dpo
         credits = a.cp + cp + a.cpo + cpo
         if debits > BALANCE_MAX or credits > BALANCE_MAX:
+            plan.exact.add(acc_id)
+            plan.exact.update(x[0] for x in checked)
             i = min(debit_first.get(acc_id, n), credit_first.get(acc_id, n))
             return _failed(spec, i, TransferResult.OVERFLOWS_BALANCE, a.name)
-        if a.flags & DMNEC and dp + dpo - cpo > 0 and debits > a.cpo + cpo + a.credit_limit:
-            available = a.cpo + a.credit_limit - a.dp - a.dpo
-            return _failed(spec, debit_first[acc_id], TransferResult.EXCEEDS_CREDITS,
-                           f"{a.name}: available {available}, entry needs {dp + dpo - cpo}"
-                           + ("; the money was already paid out" if spec.reverses else ""))
-        if a.flags & CMNED and cp + cpo - dpo > 0 and credits > a.dpo + dpo + a.credit_limit:
-            available = a.dpo + a.credit_limit - a.cp - a.cpo
-            return _failed(spec, credit_first[acc_id], TransferResult.EXCEEDS_DEBITS,
-                           f"{a.name}: available {available}, entry needs {cp + cpo - dpo}")
+        if a.flags & DMNEC and dp + dpo - cpo > 0:
+            slack = a.cpo + cpo + a.credit_limit - debits
+            if slack < 0:
+                plan.exact.add(acc_id)
+                plan.exact.update(x[0] for x in checked)  # the rules checked before it decided too
+                available = a.cpo + a.credit_limit - a.dp - a.dpo
+                return _failed(spec, debit_first[acc_id], TransferResult.EXCEEDS_CREDITS,
+                               f"{a.name}: available {available}, entry needs {dp + dpo - cpo}"
+                               + ("; the money was already paid out" if spec.reverses else ""))
+            checked.append((acc_id, 0, slack))
+        if a.flags & CMNED and cp + cpo - dpo > 0:
+            slack = a.dpo + dpo + a.credit_limit - credits
+            if slack < 0:
+                plan.exact.add(acc_id)
+                plan.exact.update(x[0] for x in checked)  # the rules checked before it decided too
+                available = a.dpo + a.credit_limit - a.cp - a.cpo
+                return _failed(spec, credit_first[acc_id], TransferResult.EXCEEDS_DEBITS,
+                               f"{a.name}: available {available}, entry needs {cp + cpo - dpo}")
+            checked.append((acc_id, 1, slack))
+    for acc_id, side, slack in checked:
+        least = plan.slack.get(acc_id)
+        if least is None:
+            plan.slack[acc_id] = [slack, None] if side == 0 else [None, slack]
+        elif least[side] is None or slack < least[side]:
+            least[side] = slack
 
     # Accepted: apply.
     for acc_id, dl in deltas.items():

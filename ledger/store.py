@@ -40,7 +40,7 @@ from ledger.machine import (F_EXPIRED_VOID, F_NONE, F_PENDING, F_POST, F_VOID, S
 from ledger.model import (INT32_MAX, KEY_LENGTH_MAX, TRANSFER_KEY_LENGTH_MAX, AccountFlags, AccountKind,
                           AccountResult, AccountSpec, Balance, EntryOutcome, EntrySpec, TransferFlags)
 from ledger.money import AMOUNT_FEN_MAX, CURRENCY_EXPONENTS
-from ledger.store_pg import (BEGIN_BARE, BEGIN_SHARED, PG_IDLE, HotPool, PgStore, ensure_prepared,
+from ledger.store_pg import (BEGIN_BARE, BEGIN_SHARED, PG_IDLE, BalanceCheck, HotPool, PgStore, ensure_prepared,
                              execute as pg_execute, hook_refusal, seal_watermark, text_literal)
 from ledger.store_sqlite import SqliteStore
 
@@ -309,8 +309,9 @@ class Ledger:
                 planned = overlay.get(acc_id)
                 if planned is not None:
                     acc.dp, acc.dpo, acc.cp, acc.cpo = planned
-            spec.expected = {acc_id: (a.dp, a.dpo, a.cp, a.cpo) for acc_id, a in snap.by_id.items()}
-            spec.plan = plan_batch(batch, snap)
+            expected = {acc_id: (a.dp, a.dpo, a.cp, a.cpo) for acc_id, a in snap.by_id.items()}
+            spec.plan = plan = plan_batch(batch, snap)
+            spec.expected = BalanceCheck(expected, plan.exact, plan.slack)
             spec.snap = snap
             return spec
         except BaseException:
@@ -332,7 +333,7 @@ class Ledger:
             inline = run_hooks and not _needs_sa(spec.hooks)  # one message: write, inserts, COMMIT
             if plan.writes:
                 ids = self._store.persist(raw, plan, spec.snap, commit=not run_hooks or inline,
-                                          expected=spec.expected,
+                                          check=spec.expected,
                                           then_sql=_batched_sql(spec.hooks, plan, raw, spec.info) if inline else "")
             else:
                 self._store.check_and_commit(raw, spec.expected)
@@ -710,7 +711,7 @@ class Speculation:
     batch: Sequence[Prepared]
     plan: object
     snap: object
-    expected: dict[int, tuple]  #: account id -> (dp, dpo, cp, cpo) the decision assumed
+    expected: object            #: what the decisions read of the balances (store_pg.BalanceCheck)
     raw: object                 #: the psycopg connection
     held: object                #: from the hot pool (no hooks) …
     pool: object

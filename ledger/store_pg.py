@@ -35,8 +35,10 @@ have all finished, without ever blocking a writer.
 
 The group committer pipelines batches (:meth:`ledger.store.Ledger.speculate`): statement 1 is
 then run without ``FOR UPDATE`` (``ledger_peek_…``), and the write message starts with
-``ledger_lock_cas_…``, which locks every account the batch read — once, ascending id order, one
-statement — and aborts unless their balances are the ones the batch was decided on.
+``ledger_lock_check_…``, which locks every account the batch read — once, ascending id order, one
+statement — and aborts unless what the batch's decisions read of their balances still holds
+(:class:`BalanceCheck`: exact balances where a decision read them exactly, limit headroom where
+an acceptance needed it, nothing where no decision looked).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from ledger.db import HOOK_REFUSED, RETRY_SLEEP_S_MAX, HookRefused, StaleReadErr
 from ledger.machine import (Account, Hold, Plan, ReversalTarget, Snapshot, StoredEntry, F_NONE, F_PENDING,
                             F_POST, S_PENDING)
 
-VERSION = "v3"  #: bump when a statement changes (connections prepare each name once)
+VERSION = "v4"  #: bump when a statement changes (connections prepare each name once)
 GUARD = "ledger guard failed: "
 #: Plan each statement once per connection (generic plan), and plan it index-only: every lookup
 #: of the hot path has an index, and a plan chosen while a table was small must not turn into a
@@ -208,9 +210,12 @@ SELECT CASE WHEN (SELECT count(*) FROM upd_a) = {P["n_acc"]}"""
     return sql
 
 
-LOCK_CAS = f"ledger_lock_cas_{VERSION}"
+LOCK_CAS = f"ledger_lock_check_{VERSION}"
+#: The speculative write's first statement: lock every account the batch read (once, ascending
+#: id order) and check what its decisions read of them (:class:`BalanceCheck`): the exact
+#: balances of some, a floor under the limit-side headroom of others, nothing of the rest.
 LOCK_CAS_SQL = f"""
-PREPARE {LOCK_CAS} (bigint[], bigint[], bigint[], bigint[], bigint[]) AS
+PREPARE {LOCK_CAS} (bigint[], bigint[], bigint[], bigint[], bigint[], bigint[], bigint[]) AS
 WITH locked AS MATERIALIZED (
     SELECT a.id, a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted
     FROM ledger_accounts a WHERE a.id = ANY($1)
@@ -219,12 +224,14 @@ WITH locked AS MATERIALIZED (
 ),
 differ AS (
     SELECT count(*) AS n FROM locked l
-    JOIN unnest($1, $2, $3, $4, $5) AS x(id, dp, dpo, cp, cpo) ON x.id = l.id
-    WHERE (l.debits_pending, l.debits_posted, l.credits_pending, l.credits_posted)
-          IS DISTINCT FROM (x.dp, x.dpo, x.cp, x.cpo)
+    JOIN unnest($1, $2, $3, $4, $5, $6, $7) AS x(id, dp, dpo, cp, cpo, fd, fc) ON x.id = l.id
+    WHERE (x.dp IS NOT NULL AND (l.debits_pending, l.debits_posted, l.credits_pending, l.credits_posted)
+                                IS DISTINCT FROM (x.dp, x.dpo, x.cp, x.cpo))
+       OR l.credits_posted - l.debits_pending - l.debits_posted < x.fd
+       OR l.debits_posted - l.credits_pending - l.credits_posted < x.fc
 )
 SELECT CASE WHEN (SELECT count(*) FROM locked) = cardinality($1) AND (SELECT n FROM differ) = 0 THEN 0
-            -- the balances moved since the batch was planned: abort, the batch is planned again
+            -- what the batch was decided on moved: abort, the batch is applied again with locks
             ELSE ('{GUARD}balances moved ' || (SELECT n FROM differ))::int END
 """
 
@@ -530,10 +537,10 @@ class PgStore:
         snap.transfer_ids = _id_list(res.get_value(0, 5))
         return snap
 
-    def check_and_commit(self, raw, expected: dict[int, tuple]) -> None:
+    def check_and_commit(self, raw, check: "BalanceCheck") -> None:
         """A speculation that writes nothing still checks what it read before it answers."""
         try:
-            execute(raw, _check_sql(expected) + "COMMIT")
+            execute(raw, _check_sql(check) + "COMMIT")
         except Exception as exc:
             if GUARD in str(exc):
                 raise StaleReadError(str(exc)) from exc
@@ -541,10 +548,10 @@ class PgStore:
 
     # -------------------------------------------------------------- statement 2
     def persist(self, raw, plan: Plan, snap: Snapshot, *, commit: bool,
-                expected: dict[int, tuple] | None = None, then_sql: str = "") -> tuple[list[int], list[int]]:
+                check: "BalanceCheck | None" = None, then_sql: str = "") -> tuple[list[int], list[int]]:
         """Statement 2 (with ``COMMIT`` when ``commit``); returns entry and transfer ids in plan
-        order. With ``expected`` (account id -> balances the plan assumed), the accounts are
-        first locked and compared in the same message (:data:`LOCK_CAS_SQL`). ``then_sql``
+        order. With ``check`` (what the plan's decisions read, :class:`BalanceCheck`), the accounts
+        are first locked and checked in the same message (:data:`LOCK_CAS_SQL`). ``then_sql``
         (statements ending in ``; ``, e.g. the batch's merged row inserts) runs after the write,
         before the COMMIT, in the same message. A failed guard raises :class:`StaleReadError`."""
         es, ts, holds, ups, revs = plan.entries, plan.transfers, plan.new_holds, plan.hold_updates, plan.reversals
@@ -575,7 +582,7 @@ class PgStore:
                 _ints([u[0] for u in ups]), _ints([u[1] for u in ups]), _ints([tids[u[2]] for u in ups]),
                 _ints([r[0] if r[1] is None else eids[r[1]] for r in revs]), _ints([eids[r[2]] for r in revs]),
             ]
-        cas = _check_sql(expected) if expected is not None else ""
+        cas = _check_sql(check) if check is not None else ""
         try:
             execute(raw, f"{cas}EXECUTE {WRITE_FULL if full else WRITE_SIMPLE}({', '.join(args)}); "
                          f"{then_sql}{'COMMIT' if commit else ''}")
@@ -680,10 +687,48 @@ class HotPool:
             held.close()
 
 
-def _check_sql(expected: dict[int, tuple]) -> str:
-    ev = expected.values()
-    return (f"EXECUTE {LOCK_CAS}({_ints(expected.keys())}, {_ints([b[0] for b in ev])}, "
-            f"{_ints([b[1] for b in ev])}, {_ints([b[2] for b in ev])}, {_ints([b[3] for b in ev])}); ")
+class BalanceCheck:
+    """What a speculative batch's decisions read of its accounts' balances, checked under lock
+    before it is written (TigerBeetle-style commutative updates: a balance nobody's decision
+    read may be moved by anyone meanwhile, the batch's ``x = x + delta`` updates stay right).
+
+    Built from the balances the batch assumed (``expected``: account id -> (dp, dpo, cp, cpo))
+    and its plan (:attr:`ledger.machine.Plan.exact`, :attr:`~ledger.machine.Plan.slack`):
+
+    * exact — an account named by a balance assertion, or on which an entry was refused for
+      its limit: all four balances must be the ones assumed;
+    * floor — a limited account an accepted entry was checked on: its limit-side headroom
+      (``credits_posted - debits_pending - debits_posted`` for debits-must-not-exceed-credits,
+      the mirror for the other flag) may have moved, but not down by more than the smallest
+      slack those checks left, so each acceptance still holds on the balances found;
+    * nothing — every other account (a clinic's payable, a memo contra): locked, not compared.
+
+    So two engine processes settling through one pooled fund no longer refuse each other's
+    speculative batches on every commit."""
+
+    __slots__ = ("ids", "exact", "floor_d", "floor_c")
+
+    def __init__(self, expected: dict[int, tuple], exact: set[int], slack: dict[int, list]) -> None:
+        self.ids = list(expected)
+        self.exact = [expected[i] if i in exact else None for i in self.ids]
+        self.floor_d: list[int | None] = []
+        self.floor_c: list[int | None] = []
+        for acc_id in self.ids:
+            least = None if acc_id in exact else slack.get(acc_id)
+            if least is None:
+                self.floor_d.append(None)
+                self.floor_c.append(None)
+                continue
+            dp, dpo, cp, cpo = expected[acc_id]
+            self.floor_d.append(None if least[0] is None else cpo - dp - dpo - least[0])
+            self.floor_c.append(None if least[1] is None else dpo - cp - cpo - least[1])
+
+
+def _check_sql(check: BalanceCheck) -> str:
+    ex = check.exact
+    cols = [int_array([None if b is None else b[k] for b in ex]) for k in range(4)]
+    return (f"EXECUTE {LOCK_CAS}({_ints(check.ids)}, {', '.join(cols)}, "
+            f"{int_array(check.floor_d)}, {int_array(check.floor_c)}); ")
 
 
 class _Missing(Exception):

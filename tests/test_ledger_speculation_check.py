@@ -1,0 +1,145 @@
+"""The speculative write's check (PostgreSQL): a batch decided on an unlocked read is written
+only if what its decisions read of the balances still holds (``store_pg.BalanceCheck``).
+
+A balance no decision read (a payable credited, a fund far from its limit) may be moved by
+another writer meanwhile: the batch is still written, with additive updates, so two engine
+processes settling through one pooled fund do not void each other's batches. A balance a
+decision did read (an assertion, a limit that refused, a limit with little slack left) must not
+have moved: the batch is then refused and applied again with locks. Results always equal
+applying the writers one after the other."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from ledger.db import StaleReadError, make_engine
+from ledger.groupcommit import GroupCommitter
+from ledger.machine import prepare
+from ledger.model import BalanceAssertion, EntryResult, TransferResult
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_ledger_support import World  # noqa: E402
+
+pytestmark = pytest.mark.pg
+
+
+@pytest.fixture
+def w(pg_url):
+    import migrations
+
+    engine = make_engine(pg_url)
+    migrations.upgrade(engine)
+    world = World(engine)
+    world.standard()
+    yield world
+    engine.dispose()
+
+
+def speculate(w: World, *entries):
+    """Decide ``entries`` on an unlocked read, as the group committer does (no overlay)."""
+    spec = w.ledger.speculate([prepare(e) for e in entries], {})
+    assert spec is not None
+    return spec
+
+
+def test_a_balance_no_decision_read_may_move_meanwhile(w):
+    w.fund("fund", 1_000_000)
+    spec = speculate(w, w.entry(w.t("fund", "merchant", 100)), w.entry(w.t("bank", "merchant", 3)))
+    # another writer (another engine process) debits the same fund and credits the same payable
+    assert w.submit(w.t("fund", "merchant", 50)).ok
+    assert w.submit(w.t("bank", "merchant", 7)).ok
+    outcomes = w.ledger.commit_speculation(spec)
+    assert [o.result for o in outcomes] == [EntryResult.OK, EntryResult.OK]
+    assert w.balance("fund").debits_posted == 150
+    assert w.balance("merchant").credits_posted == 160
+    assert w.ledger.verify() == []
+
+
+def test_an_asserted_balance_that_moved_refuses_the_write(w):
+    entry = w.entry(w.t("bank", "merchant", 10), assertions=(BalanceAssertion(w.n("wallet2"), 0),))
+    spec = speculate(w, entry)
+    w.fund("wallet2", 5)
+    with pytest.raises(StaleReadError):
+        w.ledger.commit_speculation(spec)
+    assert w.balance("merchant").credits_posted == 0  # nothing of it was written
+    out = w.ledger.submit(entry)  # applied again with locks: the assertion now fails
+    assert out.result is EntryResult.BALANCE_ASSERTION_FAILED
+
+
+def test_headroom_moved_within_the_slack_keeps_the_write(w):
+    w.fund("wallet", 100)
+    spec = speculate(w, w.entry(w.t("wallet", "merchant", 50)))  # 50 of slack left
+    assert w.submit(w.t("wallet", "merchant", 30)).ok
+    assert [o.ok for o in w.ledger.commit_speculation(spec)] == [True]
+    wallet = w.balance("wallet")
+    assert (wallet.debits_posted, wallet.credits_posted) == (80, 100)
+
+
+def test_headroom_moved_past_the_slack_refuses_the_write(w):
+    w.fund("wallet", 100)
+    entry = w.entry(w.t("wallet", "merchant", 80))  # 20 of slack left
+    spec = speculate(w, entry)
+    assert w.submit(w.t("wallet", "merchant", 30)).ok
+    with pytest.raises(StaleReadError):
+        w.ledger.commit_speculation(spec)
+    out = w.ledger.submit(entry)
+    assert out.transfer_result is TransferResult.EXCEEDS_CREDITS
+    wallet = w.balance("wallet")
+    assert wallet.credits_posted - wallet.debits_posted == 70  # never below zero
+
+
+def test_a_limit_refusal_reads_the_balance_exactly(w):
+    w.fund("wallet", 100)
+    entry = w.entry(w.t("wallet", "merchant", 150))
+    spec = speculate(w, entry)
+    assert spec.plan.results[0].transfer_result is TransferResult.EXCEEDS_CREDITS
+    w.fund("wallet", 100)  # now it would pass: the refusal must not stand
+    with pytest.raises(StaleReadError):
+        w.ledger.commit_speculation(spec)
+    assert w.ledger.submit(entry).ok
+
+
+def test_two_engines_drain_one_limited_account_exactly(pg_url, w):
+    """Two group committers on two engines (as two engine processes) race to spend one wallet
+    and to pay into one payable: exactly what the wallet holds is spent, never more."""
+    other_engine = make_engine(pg_url)
+    try:
+        from ledger.store import Ledger
+
+        other = Ledger(other_engine, clock_us=w.clock)
+        w.fund("wallet", 1_000)
+        w.fund("fund", 10**9)
+        outs: list = []
+        lock = threading.Lock()
+
+        def spend(gc: GroupCommitter, n: int) -> None:
+            for _ in range(n):
+                o1 = gc.submit(w.entry(w.t("wallet", "merchant", 10)))
+                o2 = gc.submit(w.entry(w.t("fund", "merchant", 1)))
+                with lock:
+                    outs.append((o1, o2))
+
+        with GroupCommitter(w.ledger, committers=2) as g1, GroupCommitter(other, committers=2) as g2:
+            threads = [threading.Thread(target=spend, args=(g1 if i % 2 else g2, 15)) for i in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert g1.speculated + g2.speculated > 0
+        assert len(outs) == 16 * 15
+        spent = [o1 for o1, _ in outs if o1.ok]
+        refused = [o1 for o1, _ in outs if not o1.ok]
+        assert len(spent) == 100
+        assert all(o.transfer_result is TransferResult.EXCEEDS_CREDITS for o in refused)
+        assert all(o2.ok for _, o2 in outs)
+        wallet = w.balance("wallet")
+        assert (wallet.debits_posted, wallet.credits_posted) == (1_000, 1_000)
+        assert w.balance("fund").debits_posted == 16 * 15
+        assert w.balance("merchant").credits_posted == 1_000 + 16 * 15
+        assert w.ledger.verify() == []
+    finally:
+        other_engine.dispose()
