@@ -191,6 +191,13 @@ def drive(c, citizens: list[Citizen], bills: list[list[dict]], threads: int, sec
     return total["settled"] / elapsed, total
 
 
+def _counters(committer) -> tuple[int, int, int]:
+    """(batches, entries, fallbacks) of a group committer so far (zeros without one)."""
+    if committer is None:
+        return 0, 0, 0
+    return committer.batches, committer.entries, committer.fallbacks
+
+
 def _child(url: str, tmp: str, catalogue: str, part: list[tuple], threads: int, seconds: float, prefix: str,
            card_share: float, group_commit: bool, barrier, results) -> None:
     """One engine process of a ``--processes`` run: its own engine and group committer on the
@@ -210,11 +217,11 @@ def _child(url: str, tmp: str, catalogue: str, part: list[tuple], threads: int, 
         bills = realistic_bills(Path(catalogue), BILLS)
         drive(c, citizens, bills, threads, min(2.0, seconds / 5), f"W{prefix}", card_share)  # warm-up
         committer = c.committer
-        b0, e0 = (committer.batches, committer.entries) if committer else (0, 0)
+        b0, e0, f0 = _counters(committer)
         barrier.wait()
         rate, outcomes = drive(c, citizens, bills, threads, seconds, f"M{prefix}", card_share)
-        batches, entries = (committer.batches - b0, committer.entries - e0) if committer else (0, 0)
-        results.put((rate, dict(outcomes), batches, entries))
+        b1, e1, f1 = _counters(committer)
+        results.put((rate, dict(outcomes), b1 - b0, e1 - e0, f1 - f0))
     except BaseException as exc:  # reported to the parent, never hidden
         results.put(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
         raise
@@ -242,9 +249,10 @@ def bench_service(url: str, seconds: float, threads: int, persons: int, card_sha
             if processes <= 1:
                 drive(c, citizens, bills, threads, min(2.0, seconds / 5), f"W{label[:1]}", card_share)  # warm-up
                 committer = c.committer
-                b0, e0 = (committer.batches, committer.entries) if committer else (0, 0)
+                b0, e0, f0 = _counters(committer)
                 rate, outcomes = drive(c, citizens, bills, threads, seconds, f"M{label[:1]}", card_share)
-                batches, entries = (committer.batches - b0, committer.entries - e0) if committer else (0, 0)
+                b1, e1, f1 = _counters(committer)
+                batches, entries, fallbacks = b1 - b0, e1 - e0, f1 - f0
             else:
                 if c.committer is not None:
                     c.committer.close()  # the parent only set up; the children settle
@@ -267,10 +275,11 @@ def bench_service(url: str, seconds: float, threads: int, persons: int, card_sha
                     raise SystemExit(f"an engine process failed: {failed[0]!r}")
                 rate = sum(r[0] for r in reports)
                 outcomes = sum((collections.Counter(r[1]) for r in reports), collections.Counter())
-                batches, entries = sum(r[2] for r in reports), sum(r[3] for r in reports)
+                batches, entries, fallbacks = (sum(r[i] for r in reports) for i in (2, 3, 4))
             figures[f"{label}settlements_per_s"] = rate
             if batches:
                 figures[f"{label}batch_mean"] = entries / batches
+                figures[f"{label}fallback_share"] = fallbacks / batches
             refused = {k: v for k, v in outcomes.items() if k != "settled"}
             figures[f"{label}refused"] = float(sum(refused.values()))
             if refused:
@@ -349,6 +358,7 @@ def print_table(figures: dict[str, float], ratios: dict[str, float], args) -> No
         "settlements_per_s": (f"SettlementService.settle, {args.threads} threads, {args.persons} persons, "
                               f"{args.card_share:.0%} by card, group commit"),
         "batch_mean": "mean ledger entries per group-commit transaction",
+        "fallback_share": "share of batches whose speculative write was refused and re-applied with locks",
         "refused": "settlements refused during the measured phase (see stderr)",
         "setup_s": "set-up through the services (not measured)",
         "direct_settlements_per_s": "the same without the group committer",
