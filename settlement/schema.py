@@ -83,7 +83,7 @@ Index("ix_recharges_day", recharges.c.business_date)
 business_days = Table(
     "business_days", metadata,
     Column("business_date", Date, primary_key=True),
-    Column("status", String(8), nullable=False),  # open | closed
+    Column("status", String(8), nullable=False),  # open | closing | closed
     Column("opened_ts", BigInteger, nullable=False),
     Column("closed_ts", BigInteger, nullable=True),
     Column("report", Text, nullable=True),  # JSON report of the close

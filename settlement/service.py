@@ -21,6 +21,14 @@ the pure :func:`settlement.split.split_visit` decides, the service posts one led
 * **Partial refund**: one entry that reverses the original and posts the re-split of the
   remaining lines, so each payer gets back exactly its difference.
 * **Query** (5203) by message id resolves a settlement whose answer was lost.
+
+Every row is booked to the open business day, checked in the row's own transaction
+(:class:`settlement.days.DayOpen`); when that day began closing meanwhile the booking is made
+again, transparently, on the day open now. A card authorisation is kept for that retry: the
+cryptogram covers the amount and the terminal's transaction date, not the engine's business
+day, and its counter was not spent by the refused transaction (it is accepted in the retried
+one), so the card is not asked again; the date window (``card_txn_date_invalid``) was checked
+against the day of the first attempt.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryRe
 from ledger.store import InsertRows, Ledger
 from settlement import chart
 from settlement.catalogue import Catalogue
-from settlement.days import BusinessDays
+from settlement.days import BusinessDays, DayOpen, book_on_open_day, guard_open, is_day_closed
 from settlement.policy import INPATIENT_MED_TYPES, PolicyBook, PolicyNotFound
 from settlement.reads import SettleContext, load_context, usable_pan
 from settlement.schema import settlements
@@ -536,7 +544,14 @@ class SettlementService:
             doc = self._document_from(row, replayed=False)
             doc["status"] = "settled"
             if not legs:
-                if self._insert_rows([row]):
+                try:
+                    inserted = self._insert_rows([row])
+                except HookRefused as exc:
+                    if not is_day_closed(exc):
+                        raise
+                    business_date = self._day_after_refusal()
+                    continue
+                if inserted:
                     return doc
                 replay = self._replay_or_conflict(ctx, visit)
                 if replay is None:
@@ -547,16 +562,21 @@ class SettlementService:
                 transfers=tuple(TransferSpec(f"{entry_key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
                 metadata={"setl_id": setl_id, "legs_from": 0},
                 assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
-            hook = InsertRows(settlements, [row])
+            hook = (DayOpen(business_date), InsertRows(settlements, [row]))
             try:
-                outcome = self._post(entry, (hook, self.cards.counter_hook(unspent[0])) if unspent else hook)
+                outcome = self._post(entry, hook + (self.cards.counter_hook(unspent[0]),) if unspent else hook)
             except RowTaken:  # a concurrent request took this msgid (or this very visit) first
                 replay = self._replay_or_conflict(ctx, visit)
                 if replay is not None:
                     return replay
                 raise Conflict("msgid_reused", f"msgid {visit.msgid} was used for another request") from None
-            except HookRefused:  # the card's counter was used meanwhile (by a copy of this
-                unspent.clear()  # request?), or the card was blocked since it was read
+            except HookRefused as exc:
+                if is_day_closed(exc):  # the day began closing: nothing was written (the card's
+                    business_date = self._day_after_refusal()  # counter neither); book on the next
+                    continue
+                # The card's counter was used meanwhile (by a copy of this request?), or the
+                # card was blocked since it was read.
+                unspent.clear()
                 replay = self._await_duplicate(ctx, visit)
                 if replay is not None:
                     return replay
@@ -581,6 +601,12 @@ class SettlementService:
                 continue
             raise self._refusal(outcome, legs)
         raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid")
+
+    def _day_after_refusal(self) -> dt.date:
+        """The open business day after a booking was refused because its day is no longer open
+        (forgets the cached day, which another process began to close)."""
+        self.days.forget()
+        return self.days.current()
 
     def _post(self, entry: EntrySpec, hook) -> EntryOutcome:
         """Submit ``entry`` with its row hooks; a unique violation of a row (the msgid or the
@@ -651,12 +677,20 @@ class SettlementService:
 
     def _insert_rows(self, rows: list[dict]) -> bool:
         """Insert settlement rows of an entry that moves no money (everything paid in cash at
-        the counter). Returns False when a concurrent duplicate inserted them first."""
+        the counter), in a transaction that checks their business day is still open
+        (:func:`settlement.days.guard_open`). Returns False when a concurrent duplicate inserted
+        them first; raises :class:`HookRefused` (``business_day_closed``) when the day is no
+        longer open (nothing is written)."""
         from sqlalchemy.exc import IntegrityError
 
         from ledger.db import run_with_retry
+
+        def work(conn) -> None:
+            guard_open(conn, [r["business_date"] for r in rows])
+            conn.execute(insert(settlements), rows)
+
         try:
-            run_with_retry(self.engine, lambda conn: conn.execute(insert(settlements), rows), retry_on_unique=False)
+            run_with_retry(self.engine, work, retry_on_unique=False)
         except IntegrityError:
             return False
         return True
@@ -731,19 +765,21 @@ class SettlementService:
             return done
         legs = [(c, d, a) for d, c, a in self._own_legs(orig)]
         cancel_id = derived_id("C", key)
-        row = dict(orig._asdict())
-        row.update(setl_id=cancel_id, msgid=msgid, terminal_id=ctx.terminal_id, kind="cancellation",
-                   original_setl_id=setl_id, entry_key=key, business_date=self.days.current(),
-                   created_ts=self.clock_us(), request_hash=fingerprint({"cancel": setl_id}))
-        if not legs:
-            if not self._insert_rows([row]):
-                return self._reversal_or_msgid_reused(orig, msgid)
-        else:
+
+        def book(business_date: dt.date) -> dict:
+            row = dict(orig._asdict())
+            row.update(setl_id=cancel_id, msgid=msgid, terminal_id=ctx.terminal_id, kind="cancellation",
+                       original_setl_id=setl_id, entry_key=key, business_date=business_date,
+                       created_ts=self.clock_us(), request_hash=fingerprint({"cancel": setl_id}))
+            if not legs:
+                if not self._insert_rows([row]):
+                    return self._reversal_or_msgid_reused(orig, msgid)
+                return self._document_from(row, replayed=False)
             entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
                               transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
                               metadata={"setl_id": cancel_id, "legs_from": 0})
             try:
-                outcome = self._post(entry, InsertRows(settlements, [row]))
+                outcome = self._post(entry, (DayOpen(business_date), InsertRows(settlements, [row])))
             except RowTaken:  # the msgid was taken by a concurrent request
                 return self._reversal_or_msgid_reused(orig, msgid)
             if not outcome.ok or outcome.replayed:  # a replay: a concurrent cancellation, maybe another msgid's
@@ -752,7 +788,9 @@ class SettlementService:
                     return done
                 if not outcome.ok:
                     raise self._refusal(outcome, legs)
-        return self._document_from(row, replayed=False)
+            return self._document_from(row, replayed=False)
+
+        return book_on_open_day(self.days, book)
 
     def _reversal_or_msgid_reused(self, orig, msgid: str) -> dict:
         """After this message's reversal row could not be written: the reversal this message
@@ -838,6 +876,7 @@ class SettlementService:
         new_id = derived_id("S", key)
         visit = Visit(msgid, orig.mdtrt_id, (RESERVED_CHAR + "R" + new_id)[:ID_CHARS_MAX], orig.psn_no, orig.med_type, interim,
                       tuple(remaining), {"method": orig.pay_method}, fingerprint({"refund": setl_id, "returns": units}))
+        business_date = self.days.current()
         for _attempt in range(ATTEMPTS_MAX):
             state, net = self._read_state(names)
             dedc_field = "admission_deductible_used_fen" if inpatient else "deductible_used_ytd_fen"
@@ -865,22 +904,27 @@ class SettlementService:
             cancel_row = dict(orig._asdict())
             cancel_row.update(setl_id=derived_id("C", key), msgid=f"{msgid[:ID_CHARS_MAX - 2]}~C",
                               terminal_id=ctx.terminal_id, kind="cancellation", original_setl_id=setl_id,
-                              entry_key=key + "~c", business_date=self.days.current(), created_ts=self.clock_us(),
+                              entry_key=key + "~c", business_date=business_date, created_ts=self.clock_us(),
                               request_hash=visit.request_hash)
-            new_row = self._row(ctx, visit, new_id, key, self.days.current(), orig.insu_year, info, result,
+            new_row = self._row(ctx, visit, new_id, key, business_date, orig.insu_year, info, result,
                                 orig.pay_method, orig.pan, wallet_pay, kind="settlement", original=setl_id,
                                 insutype=citizen.insutype)
             entry = EntrySpec(key=key, kind="refund", transfers=transfers,
                               metadata={"setl_id": new_id, "legs_from": len(reverse), "undoes": orig.entry_key},
                               assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
-            if not transfers:  # nothing moved through the ledger either way: cash only
-                if not self._insert_rows([cancel_row, new_row]):
-                    return self._reversal_or_msgid_reused(orig, msgid)
-                return self._refund_document(new_row, info0, info, replayed=False)
             try:
-                outcome = self._post(entry, InsertRows(settlements, [cancel_row, new_row]))
+                if not transfers:  # nothing moved through the ledger either way: cash only
+                    if not self._insert_rows([cancel_row, new_row]):
+                        return self._reversal_or_msgid_reused(orig, msgid)
+                    return self._refund_document(new_row, info0, info, replayed=False)
+                outcome = self._post(entry, (DayOpen(business_date), InsertRows(settlements, [cancel_row, new_row])))
             except RowTaken:  # the msgid was taken by a concurrent request
                 return self._reversal_or_msgid_reused(orig, msgid)
+            except HookRefused as exc:
+                if not is_day_closed(exc):
+                    raise
+                business_date = self._day_after_refusal()  # the day began closing: book on the next
+                continue
             if outcome.ok and outcome.replayed:  # a concurrent refund posted it, maybe under another msgid
                 done = self._find_reversal(orig, msgid)
                 if done is not None:

@@ -9,7 +9,10 @@ funding of pooled funds and personal accounts by contributions (DESIGN.md postin
 
 Each is idempotent by the terminal's message id: the same msgid with the same content returns
 the first result (``replayed``); with other content it is a conflict. The business row is
-written in the same database transaction as the ledger entry.
+written in the same database transaction as the ledger entry, which also checks that its
+business day is still open (:class:`settlement.days.DayOpen`); when the day began closing
+meanwhile the row is booked again on the day open now (a card payment's counter was already
+accepted on its own before, so the retry does not touch it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ledger.model import EntryOutcome, EntryResult, EntrySpec, TransferResult, T
 from ledger.money import AMOUNT_FEN_MAX
 from ledger.store import InsertRows
 from settlement import chart
-from settlement.days import BusinessDays
+from settlement.days import BusinessDays, DayOpen, book_on_open_day
 from settlement.schema import payments, recharges
 from settlement.service import (AccountCache, TerminalContext, await_replay, derived_id, fingerprint,
                                 text_field)
@@ -89,13 +92,17 @@ class WalletService:
         key = f"recharge:{ctx.org_code}:{msgid}"
         clearing = chart.channel_clearing(ctx.org_code)
         self.accounts.ensure([clearing, chart.wallet_account(pan)])
-        row = dict(recharge_id=derived_id("R", key), msgid=msgid, channel=ctx.org_code, terminal_id=ctx.terminal_id,
-                   pan=pan, amount_fen=amount, business_date=self.days.current(), request_hash=request_hash,
-                   entry_key=key, created_ts=self.clock_us())
         entry = EntrySpec(key=key, kind="recharge",
                           transfers=(TransferSpec(f"{key}/0", clearing, chart.wallet_account(pan), amount),))
-        outcome = self.submit(entry, InsertRows(recharges, [row]))
-        return self._finish(outcome, recharges, msgid, request_hash, row)
+
+        def book(business_date) -> dict:
+            row = dict(recharge_id=derived_id("R", key), msgid=msgid, channel=ctx.org_code,
+                       terminal_id=ctx.terminal_id, pan=pan, amount_fen=amount, business_date=business_date,
+                       request_hash=request_hash, entry_key=key, created_ts=self.clock_us())
+            outcome = self.submit(entry, (DayOpen(business_date), InsertRows(recharges, [row])))
+            return self._finish(outcome, recharges, msgid, request_hash, row)
+
+        return book_on_open_day(self.days, book)
 
     def pay(self, ctx: TerminalContext, req: dict) -> dict:
         """A merchant takes a card or QR payment from the wallet.
@@ -131,13 +138,18 @@ class WalletService:
         key = f"pay:{ctx.org_code}:{msgid}"
         payable = chart.merchant_payable(ctx.org_code)
         self.accounts.ensure([payable, chart.wallet_account(auth.pan)])
-        row = dict(payment_id=derived_id("P", key), msgid=msgid, org_code=ctx.org_code, terminal_id=ctx.terminal_id,
-                   pan=auth.pan, pay_method=auth.method, amount_fen=amount, business_date=self.days.current(),
-                   request_hash=request_hash, entry_key=key, created_ts=self.clock_us())
         entry = EntrySpec(key=key, kind="payment",
                           transfers=(TransferSpec(f"{key}/0", chart.wallet_account(auth.pan), payable, amount),))
-        outcome = self.submit(entry, InsertRows(payments, [row]))
-        doc = self._finish(outcome, payments, msgid, request_hash, row)
+
+        def book(business_date) -> dict:
+            row = dict(payment_id=derived_id("P", key), msgid=msgid, org_code=ctx.org_code,
+                       terminal_id=ctx.terminal_id, pan=auth.pan, pay_method=auth.method, amount_fen=amount,
+                       business_date=business_date, request_hash=request_hash, entry_key=key,
+                       created_ts=self.clock_us())
+            outcome = self.submit(entry, (DayOpen(business_date), InsertRows(payments, [row])))
+            return self._finish(outcome, payments, msgid, request_hash, row)
+
+        doc = book_on_open_day(self.days, book)
         doc["arpc"] = auth.arpc_hex
         return doc
 

@@ -11,6 +11,12 @@
   receivables settled into it), seals the journal's hash chain, recomputes every balance from
   the journal, and writes the report: totals per clinic, per fund and per channel, the trial
   balance and every discrepancy. Closing a closed day returns its stored report.
+
+  The close first moves the day to ``closing`` (:meth:`settlement.days.BusinessDays.begin_close`),
+  which waits for the bookings in flight and refuses every later one, and only then reads the
+  day's rows: the report counts every row of the day, and the next day is open meanwhile. A
+  close that stopped half-way leaves its day ``closing``; closing again finishes that day first
+  (its clearing entries are keyed by day and account, so none is posted twice).
 """
 
 from __future__ import annotations
@@ -22,16 +28,16 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, or_, select
 
 from ledger import schema as ls
-from ledger.db import run_with_retry
+from ledger.db import HookRefused, is_sqlite, run_with_retry
 from ledger.errors import Conflict, Invalid
 from ledger.model import EntryOutcome, EntrySpec, TransferSpec
 from ledger.money import format_yuan
 from ledger.store import Ledger
 from settlement import chart
-from settlement.days import BusinessDays
+from settlement.days import BusinessDays, guard_open
 from settlement.nhsa import clr_type_for
 from settlement.schema import payments, recharges, settlements
 from settlement.service import AccountCache, TerminalContext
@@ -120,11 +126,26 @@ class DayCloser:
         result = "balanced" if not differences else "out_of_balance"
 
         def work(conn):
+            self._batch_day_not_closed(conn, day)
             conn.execute(insert(batch_closes).values(
                 terminal_id=ctx.terminal_id, business_date=day, reported=json.dumps(reported, sort_keys=True),
                 computed=json.dumps(computed, sort_keys=True), result=result, closed_ts=self.clock_us()))
         run_with_retry(self.engine, work, retry_on_unique=False)
         return self._batch_doc(computed, reported, result, replayed=False)
+
+    def _batch_day_not_closed(self, conn, day: dt.date) -> None:
+        """A batch close is a row of its business day: refused (Conflict ``business_day_closed``)
+        once the day is closing or closed, since the day close may have read its batches
+        already; for the open day it holds the day's row like any booking
+        (:func:`settlement.days.guard_open`). A day not opened yet is left alone."""
+        status, _report = self.days.status(day)
+        if status == "unknown":
+            return
+        try:
+            guard_open(conn, [day])
+        except HookRefused:
+            raise Conflict("business_day_closed", f"business day {day} is closed (or closing): its batches "
+                           "can no longer be closed") from None
 
     @staticmethod
     def _batch_doc(computed: dict, reported: dict, result: str, *, replayed: bool) -> dict:
@@ -138,8 +159,10 @@ class DayCloser:
         """Close the open business day; write ``report.json`` and CSVs to ``out_dir``.
 
         Returns the report (see module docstring). Idempotent per day: after the close, the next
-        call closes the next day (usually empty)."""
-        day = self.days.current()
+        call closes the next day (usually empty). The day is moved to ``closing`` first, in its
+        own transaction (waiting for the bookings in flight); a day left ``closing`` by a close
+        that stopped is the one closed, and finished, by the next call."""
+        day = self.days.begin_close()
         discrepancies: list[dict] = []
         with self.engine.connect() as conn:
             setl_rows = conn.execute(select(settlements).where(settlements.c.business_date == day)
@@ -299,28 +322,66 @@ class DayCloser:
                                 "detail": f"{family}: rows {figures.get(family, 0)} ledger {found[key].get(family, 0)}"})
         return out
 
+    def _clearing_amounts(self, day: dt.date) -> dict[str, int]:
+        """Per clinic / merchant payable and channel receivable (account name -> fen), what is
+        owed as of the end of ``day``: its balance less what the rows of later days — booked
+        while this day was closing — put on it (the same legs as the postings: the funds, the
+        personal account and the wallet into a clinic; a payment into a merchant; a recharge
+        out of a channel). Balances and rows are read in one snapshot: a row and its entry
+        commit together."""
+        families = ("clinic_payable", "merchant_payable", "channel_clearing")
+        a = ls.accounts
+        later: dict[str, int] = defaultdict(int)
+        with self.engine.connect() as conn:
+            if not is_sqlite(self.engine):
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                rows = conn.execute(select(a.c.name, a.c.debits_posted, a.c.credits_posted).where(
+                    or_(*(a.c.name.like(f"{f}:%") for f in families))).order_by(a.c.id)).all()
+                for r in conn.execute(select(settlements.c.fixmedins_code, settlements.c.kind, settlements.c.acct_pay,
+                                             settlements.c.wallet_pay, settlements.c.setlinfo)
+                                      .where(settlements.c.business_date > day)):
+                    info = json.loads(r.setlinfo)
+                    sign = 1 if r.kind == "settlement" else -1
+                    later[chart.clinic_payable(r.fixmedins_code)] += sign * (
+                        info["hifp_pay"] + info.get("hifmi_pay", 0) + r.acct_pay + r.wallet_pay)
+                for r in conn.execute(select(payments.c.org_code, payments.c.amount_fen)
+                                      .where(payments.c.business_date > day)):
+                    later[chart.merchant_payable(r.org_code)] += r.amount_fen
+                for r in conn.execute(select(recharges.c.channel, recharges.c.amount_fen)
+                                      .where(recharges.c.business_date > day)):
+                    later[chart.channel_clearing(r.channel)] += r.amount_fen
+        out = {}
+        for r in rows:
+            net = r.debits_posted - r.credits_posted
+            out[r.name] = (net if r.name.startswith("channel_clearing:") else -net) - later.get(r.name, 0)
+        return out
+
     def _post_clearing(self, day: dt.date) -> list[dict]:
         """Pay out every clinic's and merchant's payable and settle every channel's receivable
-        through ``bank:centre`` (idempotent by day and account)."""
-        tb = self.ledger.trial_balance()
+        through ``bank:centre``, as owed at the end of ``day`` (:meth:`_clearing_amounts`).
+        Idempotent by day and account: a clearing entry already posted for ``day`` (by a close
+        that stopped half-way) is reported as it was posted, never posted again."""
+        amounts = self._clearing_amounts(day)
         self.accounts.ensure([chart.BANK_CENTRE])
         out = []
-        for b in tb.accounts:
-            family = b.name.split(":", 1)[0]
-            if family in ("clinic_payable", "merchant_payable"):
-                amount = b.credits_posted - b.debits_posted
-                debit, credit = b.name, chart.BANK_CENTRE
-            elif family == "channel_clearing":
-                amount = b.debits_posted - b.credits_posted
-                debit, credit = chart.BANK_CENTRE, b.name
+        for name, amount in amounts.items():
+            if name.startswith("channel_clearing:"):
+                debit, credit = chart.BANK_CENTRE, name
             else:
+                debit, credit = name, chart.BANK_CENTRE
+            key = f"clear:{day.isoformat()}:{name}"
+            posted = self.ledger.entry(key)
+            if posted is not None:
+                done = posted.transfers[0]["amount_fen"]
+                out.append({"account": name, "amount_fen": done, "yuan": format_yuan(done), "result": "ok",
+                            "replayed": True})
                 continue
             if amount <= 0:
                 continue
-            key = f"clear:{day.isoformat()}:{b.name}"
             outcome = self.submit(EntrySpec(key=key, kind="clearing",
                                             transfers=(TransferSpec(f"{key}/0", debit, credit, amount),)), None)
-            out.append({"account": b.name, "amount_fen": amount, "yuan": format_yuan(amount),
+            out.append({"account": name, "amount_fen": amount, "yuan": format_yuan(amount),
                         "result": outcome.result.name.lower(), "replayed": outcome.replayed})
         return out
 

@@ -153,6 +153,7 @@ def test_a_day_closed_by_another_process_is_noticed(world):
     other = BusinessDays(world.c.engine, world.clock, recheck_s=0.0)   # "another engine process"
     mine = BusinessDays(world.c.engine, world.clock, recheck_s=0.05)
     day = mine.current()
+    assert other.begin_close() == day
     other.close(day, {"closed_by": "test"})
     assert mine.current() == day  # trusted for recheck_s
     threading.Event().wait(0.06)

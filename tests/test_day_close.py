@@ -1,0 +1,275 @@
+"""The day close and the bookings exclude each other (SQLite and PostgreSQL).
+
+A booking checks, in its own transaction, that its business day is still open; the close moves
+the day to ``closing`` (waiting for the bookings in flight) before it reads the day's rows. So
+every row of a closed day is in its report and in its clearing, no row lands on a day after its
+close read it, and a booking that raced the close is made, transparently, on the next day.
+Covered: a booking to a day that another process closed is refused and retried onto the next
+day (settlement by card, cash settlement, cancellation, refund, recharge, merchant payment); a
+close that stopped half-way (day left ``closing``) is finished by closing again, without a
+second clearing; and many threads settling, cancelling, paying and recharging while another
+thread closes the day: the report and the clearing equal the day's rows read afterwards, and
+no request fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import select
+
+from ledger.db import HookRefused, write_connection
+from settlement import chart
+from settlement.days import BusinessDays, guard_open, is_day_closed
+from settlement.schema import payments, recharges, settlements
+from settlement.service import TerminalContext
+from tests.test_settlement_flows import CHANNEL, CLINIC, make_world
+
+MERCHANT = TerminalContext("TM000001", "M00000000009", "merchant")
+
+
+@pytest.fixture
+def world(db_url, tmp_path):
+    with make_world(db_url, tmp_path) as w:
+        yield w
+
+
+def close_elsewhere(world) -> dt.date:
+    """Close the open day from "another engine process" (its own BusinessDays); the world's
+    own BusinessDays keeps trusting its cached day."""
+    other = BusinessDays(world.c.engine, world.clock, recheck_s=0.0)
+    day = other.begin_close()
+    other.close(day, {"closed_by": "test"})
+    return day
+
+
+def rows_of(engine, day: dt.date) -> dict:
+    """Every settlement, payment and recharge row booked to ``day``."""
+    with engine.connect() as conn:
+        return {"settlements": conn.execute(select(settlements).where(settlements.c.business_date == day)).all(),
+                "payments": conn.execute(select(payments).where(payments.c.business_date == day)).all(),
+                "recharges": conn.execute(select(recharges).where(recharges.c.business_date == day)).all()}
+
+
+def owed_by_rows(rows: dict) -> dict[str, int]:
+    """What the rows put on each payable / channel receivable (fen): the clearing they owe."""
+    out: dict[str, int] = defaultdict(int)
+    for r in rows["settlements"]:
+        info = json.loads(r.setlinfo)
+        sign = 1 if r.kind == "settlement" else -1
+        out[chart.clinic_payable(r.fixmedins_code)] += sign * (info["hifp_pay"] + info["hifmi_pay"]
+                                                                + r.acct_pay + r.wallet_pay)
+    for r in rows["payments"]:
+        out[chart.merchant_payable(r.org_code)] += r.amount_fen
+    for r in rows["recharges"]:
+        out[chart.channel_clearing(r.channel)] += r.amount_fen
+    return {k: v for k, v in out.items() if v}
+
+
+def assert_report_is_the_rows(report: dict, rows: dict, out_dir=None) -> None:
+    """The report's totals (and, when written, its 3202 detail file) are exactly the rows."""
+    settled = [r for r in rows["settlements"] if r.kind == "settlement"]
+    undone = [r for r in rows["settlements"] if r.kind != "settlement"]
+    s = report["settlements"]
+    assert (s["count"], s["cancellations"]) == (len(settled), len(undone))
+    for f in ("medfee_sumamt", "fund_pay_sumamt", "acct_pay", "psn_cash_pay", "wallet_pay"):
+        assert s[f] == sum(getattr(r, f) for r in settled) - sum(getattr(r, f) for r in undone), f
+    for name in ("payments", "recharges"):
+        assert report[name] == {"count": len(rows[name]), "amount_fen": sum(r.amount_fen for r in rows[name])}
+    if out_dir is not None:
+        with open(out_dir / "settlements_3202.csv", newline="") as f:
+            listed = {line["setl_id"] for line in csv.DictReader(f)}
+        assert listed == {r.setl_id for r in rows["settlements"]}
+    cleared = {c["account"]: c["amount_fen"] for c in report["clearing"]}
+    assert cleared == owed_by_rows(rows)
+    assert all(c["result"] == "ok" for c in report["clearing"])
+    assert {d["kind"] for d in report["discrepancies"]} <= {"batch_not_closed"}, report["discrepancies"]
+
+
+# ---------------------------------------------------------------------- refused and retried
+def test_the_guard_refuses_a_day_that_is_not_open(world):
+    day = world.c.days.current()
+    with write_connection(world.c.engine) as conn:
+        guard_open(conn, [day])  # open: passes
+    close_elsewhere(world)
+    with pytest.raises(HookRefused) as exc, write_connection(world.c.engine) as conn:
+        guard_open(conn, [day])
+    assert is_day_closed(exc.value) and day.isoformat() in str(exc.value)
+    assert not is_day_closed(HookRefused("card counter already used"))
+
+
+def test_bookings_to_a_day_closed_meanwhile_go_to_the_next_day(world):
+    world.c.days.recheck_s = 3600.0  # this process trusts its cached day: only a refusal tells it
+    p = world.add_person(personal_fen=0, wallet_fen=100_000)
+    q = world.add_person(personal_fen=0, wallet_fen=100_000)
+    first = world.settle(p, world.bill(("C", "45.80", "1")))
+    day = close_elsewhere(world)
+    nxt = day + dt.timedelta(days=1)
+    assert world.c.days.current() == day  # still cached
+
+    by_card = world.settle(q, world.bill(("C", "12.00", "1")), method="card")
+    assert by_card["business_date"] == nxt.isoformat() and by_card["payment"]["wallet_pay_fen"] == 1_200
+    assert world.c.cards.card(q.pan).last_atc == world.last_visit["payment"]["atc"]  # accepted once
+    assert world.c.days.current() == nxt
+
+    for booking in ("settle_cash", "cancel", "recharge", "pay"):
+        closed = close_elsewhere(world)  # the day this process has cached
+        nxt = closed + dt.timedelta(days=1)
+        if booking == "settle_cash":
+            doc = world.settle(p, world.bill(("C", "10.00", "1")))
+        elif booking == "cancel":
+            doc = world.svc.cancel(CLINIC, first["setl_id"], {"msgid": world.msgid(world.next())})
+        elif booking == "recharge":
+            doc = world.c.wallet.recharge(CHANNEL, {"msgid": f"R{world.next():012d}", "pan": p.pan,
+                                                    "amount_fen": 500})
+        else:
+            doc = world.c.wallet.pay(MERCHANT, {"msgid": f"P{world.next():012d}", "amount_fen": 300,
+                                                "payment": world.card_payment(p, 300, MERCHANT)})
+        assert doc["business_date"] == nxt.isoformat(), (booking, doc)
+        assert not doc["replayed"]
+        assert world.c.days.status(closed)[0] == "closed"
+    assert world.ledger.trial_balance().balanced
+
+
+def test_a_refund_racing_the_close_goes_to_the_next_day(world):
+    world.c.days.recheck_s = 3600.0
+    p = world.add_person(personal_fen=0)
+    orig = world.settle(p, world.bill(("C", "10.00", "3")))
+    day = close_elsewhere(world)
+    doc = world.svc.refund(CLINIC, orig["setl_id"], {"msgid": world.msgid(world.next()),
+                                                     "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    assert doc["business_date"] == (day + dt.timedelta(days=1)).isoformat()
+    assert doc["refund"]["psn_cash_pay"] == 1_000
+    rows = rows_of(world.c.engine, day + dt.timedelta(days=1))["settlements"]
+    assert sorted(r.kind for r in rows) == ["cancellation", "settlement"]
+
+
+def test_a_replay_after_the_retry_returns_the_first_answer(world):
+    world.c.days.recheck_s = 3600.0
+    p = world.add_person(personal_fen=0)
+    day = close_elsewhere(world)
+    v = world.visit(p, world.bill(("C", "10.00", "1")))
+    doc = world.svc.settle(CLINIC, v)
+    again = world.svc.settle(CLINIC, v)
+    assert again["replayed"] and again["setl_id"] == doc["setl_id"]
+    assert again["business_date"] == doc["business_date"] == (day + dt.timedelta(days=1)).isoformat()
+
+
+# ---------------------------------------------------------------------- a close that stopped
+def test_a_close_that_stopped_half_way_is_finished_by_closing_again(world, tmp_path, monkeypatch):
+    p = world.add_person(personal_fen=20_000, wallet_fen=50_000)
+    world.settle(p, world.bill(("A", "30.00", "1"), ("C", "12.00", "1")))
+    world.settle(p, world.bill(("C", "8.00", "1")), method="card")
+    day = world.c.days.current()
+    closer = world.c.closer
+
+    def crash() -> int:
+        raise RuntimeError("the close stopped here")
+
+    monkeypatch.setattr(closer.ledger, "seal", crash)  # after the clearing was posted
+    with pytest.raises(RuntimeError):
+        closer.close_day(tmp_path / "first")
+    monkeypatch.undo()
+    assert world.c.days.status(day)[0] == "closing"
+    # The next day is open for business meanwhile, and its money is not the stuck day's.
+    world.c.days.forget()
+    late = world.settle(p, world.bill(("C", "7.00", "1")))
+    assert late["business_date"] == (day + dt.timedelta(days=1)).isoformat()
+    bank_before = world.net(chart.BANK_CENTRE)
+
+    report = closer.close_day(tmp_path / "again")
+    assert report["business_date"] == day.isoformat()
+    assert world.c.days.status(day)[0] == "closed"
+    assert all(c["replayed"] for c in report["clearing"]) and report["clearing"]
+    assert world.net(chart.BANK_CENTRE) == bank_before  # nothing cleared twice
+    assert_report_is_the_rows(report, rows_of(world.c.engine, day), tmp_path / "again")
+
+    nxt = closer.close_day(tmp_path / "next")
+    assert nxt["business_date"] == late["business_date"]
+    assert_report_is_the_rows(nxt, rows_of(world.c.engine, day + dt.timedelta(days=1)), tmp_path / "next")
+    assert world.net(chart.clinic_payable(CLINIC.org_code)) == 0
+
+
+# ---------------------------------------------------------------------- bookings racing the close
+def race_the_close(world, tmp_path, workers: int, cycles_after: int) -> None:
+    """``workers`` threads each settle (cash and card), cancel, recharge and pay for their own
+    person, in a loop, while the main thread closes the day once some work is done; each worker
+    goes on for ``cycles_after`` cycles after the close returned. Then both days are checked
+    against their rows, and the next day is closed and checked too."""
+    people = [world.add_person(personal_fen=5_000, wallet_fen=200_000) for _ in range(workers)]
+    day = world.c.days.current()
+    started = threading.Semaphore(0)
+    closed = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(p) -> int:
+        done = after = 0
+        last = None
+        try:
+            while after < cycles_after:
+                step = done % 5
+                if step == 0:
+                    world.recharge(p, 1_000)
+                elif step == 1:
+                    last = world.settle(p, world.bill(("A", "20.00", "1"), ("C", "5.00", "1")))
+                elif step == 2:
+                    world.settle(p, world.bill(("C", "9.00", "1")), method="card")
+                elif step == 3:
+                    world.c.wallet.pay(MERCHANT, {"msgid": f"{p.psn_no[-8:]}{done:06d}", "amount_fen": 100,
+                                                  "payment": world.card_payment(p, 100, MERCHANT)})
+                else:
+                    world.svc.cancel(CLINIC, last["setl_id"], {"msgid": world.msgid(world.next())})
+                done += 1
+                if done == 5:
+                    started.release()
+                if closed.is_set() and step == 4:
+                    after += 1
+        except BaseException as exc:  # every failure is reported by the test
+            errors.append(exc)
+            started.release()
+        return done
+
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(work, p) for p in people]
+        for _ in range(workers):
+            started.acquire()
+        report = world.c.closer.close_day(tmp_path / "day1")
+        closed.set()
+        for f in futures:
+            f.result()
+    assert not errors, [repr(e) for e in errors]
+    assert report["business_date"] == day.isoformat()
+    assert world.c.days.status(day)[0] == "closed"
+    rows = rows_of(world.c.engine, day)
+    assert rows["settlements"] and rows["payments"]
+    assert_report_is_the_rows(report, rows, tmp_path / "day1")
+    nxt_day = day + dt.timedelta(days=1)
+    assert rows_of(world.c.engine, nxt_day)["settlements"]  # the work went on during and after the close
+
+    world.c.days.forget()
+    nxt = world.c.closer.close_day(tmp_path / "day2")
+    assert nxt["business_date"] == nxt_day.isoformat()
+    assert_report_is_the_rows(nxt, rows_of(world.c.engine, nxt_day), tmp_path / "day2")
+    for name in (chart.clinic_payable(CLINIC.org_code), chart.merchant_payable(MERCHANT.org_code),
+                 chart.channel_clearing(CHANNEL.org_code)):
+        assert world.net(name) == 0, name  # both days cleared to the fen, nothing twice
+    assert world.ledger.trial_balance().balanced
+    assert world.ledger.verify() == []
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize("group_commit", [False, True], ids=["direct", "group_commit"])
+def test_bookings_racing_the_close_on_postgresql(pg_url, tmp_path, group_commit):
+    with make_world(pg_url, tmp_path, group_commit=group_commit) as w:
+        race_the_close(w, tmp_path, workers=8, cycles_after=3)
+
+
+def test_bookings_racing_the_close_on_sqlite(sqlite_url, tmp_path):
+    with make_world(sqlite_url, tmp_path) as w:
+        race_the_close(w, tmp_path, workers=4, cycles_after=2)
