@@ -88,3 +88,6 @@ business_days = Table(
     Column("closed_ts", BigInteger, nullable=True),
     Column("report", Text, nullable=True),  # JSON report of the close
 )
+#: at most one open day (revision 0004): concurrent openers of the next day agree on it
+Index("uq_business_days_one_open", business_days.c.status, unique=True,
+      postgresql_where=business_days.c.status == "open", sqlite_where=business_days.c.status == "open")

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from ledger.db import HookRefused, write_connection
 from settlement import chart
 from settlement.days import BusinessDays, guard_open, is_day_closed
-from settlement.schema import payments, recharges, settlements
+from settlement.schema import business_days, payments, recharges, settlements
 from settlement.service import TerminalContext
 from tests.test_settlement_flows import CHANNEL, CLINIC, make_world
 
@@ -273,3 +273,48 @@ def test_bookings_racing_the_close_on_postgresql(pg_url, tmp_path, group_commit)
 def test_bookings_racing_the_close_on_sqlite(sqlite_url, tmp_path):
     with make_world(sqlite_url, tmp_path) as w:
         race_the_close(w, tmp_path, workers=4, cycles_after=2)
+
+
+# ---------------------------------------------------------------------- opening the next day
+def test_engines_that_all_find_no_open_day_open_the_same_one(world):
+    """Right after a close moved the day to ``closing``, every engine process finds no open day
+    at once; they must all open the SAME next day (one open day at most, revision 0004), not
+    one each (a booking on a second open day would fail its card date check, or escape the
+    next close)."""
+    engines = [BusinessDays(world.c.engine, world.clock, recheck_s=0.0) for _ in range(8)]
+    for _round in range(5):
+        closing = engines[0].begin_close()
+        barrier = threading.Barrier(len(engines))
+
+        def open_next(days: BusinessDays) -> dt.date:
+            barrier.wait()
+            return days.current()
+
+        with ThreadPoolExecutor(len(engines)) as pool:
+            opened = set(pool.map(open_next, engines))
+        engines[0].close(closing, {"closed_by": "test"})
+        assert opened == {closing + dt.timedelta(days=1)}
+        with world.c.engine.connect() as conn:
+            states = conn.execute(select(business_days.c.status)).scalars().all()
+        assert states.count("open") == 1 and "closing" not in states
+
+
+def test_a_clinic_owing_the_centre_after_its_cancellations_is_collected_from(world, tmp_path):
+    """A day on which a clinic's cancellations of earlier settlements exceed its new ones ends
+    with the clinic owing the centre: the clearing collects it (a negative amount, the transfer
+    the other way), so the clinic's payable stands at zero after every close."""
+    p = world.add_person(personal_fen=0)
+    doc = world.settle(p, world.bill(("A", "3000.00", "1")))  # past the deductible: the fund pays
+    paid = world.net(chart.clinic_payable(CLINIC.org_code))
+    assert paid > 0
+    first = world.c.closer.close_day(tmp_path / "first")
+    assert {c["account"]: c["amount_fen"] for c in first["clearing"]}[chart.clinic_payable(CLINIC.org_code)] == paid
+    world.svc.cancel(CLINIC, doc["setl_id"], {"msgid": world.msgid(world.next())})
+    bank_before = world.net(chart.BANK_CENTRE)
+    second = world.c.closer.close_day(tmp_path / "second")
+    cleared = {c["account"]: c for c in second["clearing"]}[chart.clinic_payable(CLINIC.org_code)]
+    assert cleared["amount_fen"] == -paid and cleared["result"] == "ok"
+    assert world.net(chart.clinic_payable(CLINIC.org_code)) == 0
+    assert world.net(chart.BANK_CENTRE) == bank_before + paid  # the centre's bank account got it back
+    assert_report_is_the_rows(second, rows_of(world.c.engine, dt.date.fromisoformat(second["business_date"])),
+                              tmp_path / "second")
