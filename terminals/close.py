@@ -359,7 +359,10 @@ class DayCloser:
 
     def _post_clearing(self, day: dt.date) -> list[dict]:
         """Pay out every clinic's and merchant's payable and settle every channel's receivable
-        through ``bank:centre``, as owed at the end of ``day`` (:meth:`_clearing_amounts`).
+        through ``bank:centre``, as owed at the end of ``day`` (:meth:`_clearing_amounts`), so
+        each of them stands at zero for that day. An amount owed the other way — a clinic whose
+        cancellations of earlier days' settlements exceed its new ones — is collected from it
+        (the transfer runs the other way; reported as a negative ``amount_fen``).
         Idempotent by day and account: a clearing entry already posted for ``day`` (by a close
         that stopped half-way) is reported as it was posted, never posted again."""
         amounts = self._clearing_amounts(day)
@@ -367,20 +370,23 @@ class DayCloser:
         out = []
         for name, amount in amounts.items():
             if name.startswith("channel_clearing:"):
-                debit, credit = chart.BANK_CENTRE, name
+                debit, credit = chart.BANK_CENTRE, name  # the channel pays the centre
             else:
-                debit, credit = name, chart.BANK_CENTRE
+                debit, credit = name, chart.BANK_CENTRE  # the centre pays the clinic / merchant
             key = f"clear:{day.isoformat()}:{name}"
             posted = self.ledger.entry(key)
             if posted is not None:
-                done = posted.transfers[0]["amount_fen"]
+                leg = posted.transfers[0]
+                done = leg["amount_fen"] if leg["debit"] == debit else -leg["amount_fen"]
                 out.append({"account": name, "amount_fen": done, "yuan": format_yuan(done), "result": "ok",
                             "replayed": True})
                 continue
-            if amount <= 0:
+            if amount == 0:
                 continue
+            if amount < 0:
+                debit, credit = credit, debit
             outcome = self.submit(EntrySpec(key=key, kind="clearing",
-                                            transfers=(TransferSpec(f"{key}/0", debit, credit, amount),)), None)
+                                            transfers=(TransferSpec(f"{key}/0", debit, credit, abs(amount)),)), None)
             out.append({"account": name, "amount_fen": amount, "yuan": format_yuan(amount),
                         "result": outcome.result.name.lower(), "replayed": outcome.replayed})
         return out
