@@ -587,13 +587,22 @@ class PgStore:
             execute(raw, f"{cas}EXECUTE {WRITE_FULL if full else WRITE_SIMPLE}({', '.join(args)}); "
                          f"{then_sql}{'COMMIT' if commit else ''}")
         except Exception as exc:
-            if GUARD in str(exc):
+            if GUARD in str(exc) or _drove_a_balance_negative(exc):
                 raise StaleReadError(str(exc)) from exc
             refused = hook_refusal(exc)
             if refused is not None:
                 raise refused from exc
             raise
         return eids[:len(es)], tids[:len(ts)]
+
+
+def _drove_a_balance_negative(exc: BaseException) -> bool:
+    """The write broke ``ck_ledger_accounts_balances_nonnegative``. A plan never takes a locked
+    balance below zero, so the plan was made on a stale read: a hold it resolves was resolved
+    meanwhile by a transaction statement 1 waited for (statement 1 reads holds from its snapshot,
+    which predates that commit), and the account update ran before the hold guard could count.
+    Retried like any stale read; the retry sees the hold resolved and answers so."""
+    return getattr(exc, "sqlstate", None) == "23514" and "ck_ledger_accounts_balances_nonnegative" in str(exc)
 
 
 class _Held:
