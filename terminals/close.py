@@ -161,7 +161,8 @@ class DayCloser:
         Returns the report (see module docstring). Idempotent per day: after the close, the next
         call closes the next day (usually empty). The day is moved to ``closing`` first, in its
         own transaction (waiting for the bookings in flight); a day left ``closing`` by a close
-        that stopped is the one closed, and finished, by the next call."""
+        that stopped is the one closed, and finished, by the next call. Two closes racing on one
+        day both answer with the report the first to finish stored."""
         day = self.days.begin_close()
         discrepancies: list[dict] = []
         with self.engine.connect() as conn:
@@ -257,7 +258,16 @@ class DayCloser:
         }
         if out_dir is not None:
             self.write_report(report, setl_rows, Path(out_dir))
-        self.days.close(day, report)
+        try:
+            self.days.close(day, report)
+        except Conflict as exc:
+            # Another close finished this very day first (it took the day for a stuck close
+            # and completed it beside us); its clearing was posted once, ours replayed it. The
+            # day's answer is the report it stored.
+            status, stored = self.days.status(day)
+            if exc.code != "business_day_not_closing" or status != "closed" or stored is None:
+                raise
+            return stored
         return report
 
     def _fund_flows(self, setl_rows) -> dict:

@@ -318,3 +318,35 @@ def test_a_clinic_owing_the_centre_after_its_cancellations_is_collected_from(wor
     assert world.net(chart.BANK_CENTRE) == bank_before + paid  # the centre's bank account got it back
     assert_report_is_the_rows(second, rows_of(world.c.engine, dt.date.fromisoformat(second["business_date"])),
                               tmp_path / "second")
+
+
+def test_two_closes_of_one_day_both_answer_with_its_report(world, tmp_path, monkeypatch):
+    """A second close (another process) finds the day ``closing`` and finishes it while the first
+    is still at work; the first then answers with the report the second stored, and the clearing
+    was posted once."""
+    from ledger.store import Ledger
+    from terminals.close import DayCloser
+
+    p = world.add_person(personal_fen=0)
+    world.settle(p, world.bill(("A", "3000.00", "1")))
+    first = world.c.closer
+    ledger2 = Ledger(world.c.engine, clock_us=world.clock)
+    second = DayCloser(world.c.engine, ledger2, ledger2.submit, BusinessDays(world.c.engine, world.clock, recheck_s=0.0),
+                       first.accounts, world.clock)
+    answers = {}
+    seal = first.ledger.seal
+
+    def the_other_close_runs_now():  # after the first close posted its clearing
+        monkeypatch.setattr(first.ledger, "seal", seal)
+        answers["second"] = second.close_day(tmp_path / "second")
+        return seal()
+
+    monkeypatch.setattr(first.ledger, "seal", the_other_close_runs_now)
+    bank_before = world.net(chart.BANK_CENTRE)
+    answers["first"] = first.close_day(tmp_path / "first")
+    day = dt.date.fromisoformat(answers["first"]["business_date"])
+    assert answers["second"]["business_date"] == day.isoformat()
+    assert answers["first"] == answers["second"]  # the report stored by the close that finished
+    assert world.c.days.status(day) == ("closed", answers["second"])
+    paid = -(world.net(chart.BANK_CENTRE) - bank_before)
+    assert paid == sum(c["amount_fen"] for c in answers["second"]["clearing"]) > 0  # cleared once
