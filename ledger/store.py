@@ -210,6 +210,42 @@ class Ledger:
             raise ValueError("hooks must match entries one to one")
         return self.submit_prepared([prepare(e) for e in entries], hooks)
 
+    def run_hooks(self, hooks: Sequence["BatchedHook"]) -> None:
+        """Do the work of ``hooks`` (:class:`BatchedHook` leaves, merged as in a batch) in a
+        transaction of their own, without a journal entry: for a service's row that moves no
+        money but must be written under the same guards as those that do. On PostgreSQL one
+        message (``BEGIN; …; COMMIT``) on a hot connection; on SQLite one write transaction.
+
+        Raises :class:`ledger.db.HookRefused` when a hook refuses, the driver's unique violation
+        (see :func:`ledger.db.is_unique_violation`) when a row exists; retryable failures are
+        retried (same inputs); nothing is written when it raises."""
+        groups: dict = {}
+        for leaf in hooks:
+            groups.setdefault((type(leaf), leaf.merge_key), []).append(leaf)
+        merged = list(groups.values())
+        if self._sqlite:
+            def work(conn: Connection) -> None:
+                for group in merged:
+                    type(group[0]).run_sa(conn, group)
+
+            run_with_retry(self.engine, work, retries_max=self.retries_max, retry_on_unique=False)
+            return
+
+        def work_pg(raw, _conn, begin: str) -> None:
+            for group in merged:
+                if type(group[0]).pg_prepared:
+                    ensure_prepared(raw, self._store.session_info(), type(group[0]).pg_prepared)
+            sql = "".join(type(group[0]).pg_sql(group) for group in merged)
+            try:
+                pg_execute(raw, f"{begin}{sql}COMMIT")
+            except Exception as exc:
+                refused = hook_refusal(exc)
+                if refused is not None:
+                    raise refused from exc
+                raise
+
+        self._store.run(self.engine, work_pg, self.retries_max, with_sa=False, retry_on_unique=False)
+
     def submit_prepared(self, batch: Sequence[Prepared],
                         hooks: Sequence[EntryHook | None] | None = None) -> list[EntryOutcome]:
         """:meth:`submit_many` for entries already passed through :func:`ledger.machine.prepare`

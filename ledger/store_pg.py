@@ -429,11 +429,12 @@ class PgStore:
                 execute(raw, sql)
         info["ledger_prepared"] = VERSION
 
-    def run(self, engine: Engine, work: Callable, retries_max: int, *, with_sa: bool):
+    def run(self, engine: Engine, work: Callable, retries_max: int, *, with_sa: bool, retry_on_unique: bool = True):
         """Call ``work(raw, sa_conn, begin)`` on a connection in autocommit mode (the statements
         carry BEGIN / COMMIT themselves; ``begin`` is the text that starts the transaction on
         that connection); retry retryable errors with the same inputs, at most ``retries_max``
-        attempts. ``with_sa`` gives ``work`` an SQLAlchemy Connection on the same database
+        attempts (a unique violation too, unless ``retry_on_unique`` is false). ``with_sa`` gives
+        ``work`` an SQLAlchemy Connection on the same database
         session (for hooks); otherwise ``sa_conn`` is None and the connection comes from the
         engine's :class:`HotPool` (or, when all of those are busy, from the engine's pool)."""
         attempt = 0
@@ -449,7 +450,7 @@ class PgStore:
                 attempt += 1
                 if isinstance(exc, _Missing) and attempt < retries_max:
                     continue
-                if attempt >= retries_max or not (is_retryable(exc) or is_unique_violation(exc)):
+                if attempt >= retries_max or not (is_retryable(exc) or (retry_on_unique and is_unique_violation(exc))):
                     raise
                 time.sleep(min(0.002 * (2 ** attempt), RETRY_SLEEP_S_MAX))
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select
+from sqlalchemy import Connection, Engine, and_, bindparam, or_, select
 
 from card.service import CardService
 from ledger.db import HookRefused, is_unique_violation
@@ -53,7 +53,7 @@ from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryRe
 from ledger.store import InsertRows, Ledger
 from settlement import chart
 from settlement.catalogue import Catalogue
-from settlement.days import BusinessDays, DayOpen, book_on_open_day, guard_open, is_day_closed
+from settlement.days import BusinessDays, DayOpen, book_on_open_day, is_day_closed
 from settlement.policy import INPATIENT_MED_TYPES, PolicyBook, PolicyNotFound
 from settlement.reads import SettleContext, load_context, usable_pan
 from settlement.schema import settlements
@@ -540,8 +540,8 @@ class SettlementService:
             legs = self._legs(names, payable, info, wallet_pay, pan, policy.is_inpatient, visit.interim)
             row = self._row(ctx, visit, setl_id, entry_key, business_date, year, info, result, method,
                             auth.pan if auth else None, wallet_pay, kind="settlement", insutype=citizen.insutype,
-                            arpc=auth.arpc_hex if auth and auth.arpc_hex else None)
-            doc = self._document_from(row, replayed=False)
+                            arpc=auth.arpc_hex if auth and auth.arpc_hex else None, decoded=(decoded := {}))
+            doc = self._document_from(row, replayed=False, decoded=decoded)
             doc["status"] = "settled"
             if not legs:
                 try:
@@ -661,9 +661,15 @@ class SettlementService:
     def _row(self, ctx: TerminalContext, visit: Visit, setl_id: str, entry_key: str, business_date: dt.date,
              year: int, info, result, method: str, pan: str | None, wallet_pay: int, *, kind: str, insutype: str,
              original: str | None = None, chrg_bchno: str | None = None, msgid: str | None = None,
-             arpc: str | None = None) -> dict:
+             arpc: str | None = None, decoded: dict | None = None) -> dict:
+        """The settlement row (column -> value; ``setlinfo`` and ``lines`` as JSON text). When
+        ``decoded`` is given, it receives those two as the objects the text encodes, so that the
+        answer is built without decoding what was just encoded."""
         setlinfo = info.to_dict()
         setlinfo.update(setl_id=setl_id, mdtrt_id=visit.mdtrt_id, psn_no=visit.psn_no)
+        lines = [x.to_dict() for x in result.lines]
+        if decoded is not None:
+            decoded.update(setlinfo=setlinfo, lines=lines)
         return dict(setl_id=setl_id, fixmedins_code=ctx.org_code, mdtrt_id=visit.mdtrt_id,
                     chrg_bchno=chrg_bchno or visit.chrg_bchno, msgid=msgid or visit.msgid, psn_no=visit.psn_no,
                     terminal_id=ctx.terminal_id, insutype=insutype,
@@ -671,37 +677,36 @@ class SettlementService:
                     pan=pan, medfee_sumamt=info.medfee_sumamt, fund_pay_sumamt=info.fund_pay_sumamt,
                     hifp_pay=info.hifp_pay, acct_pay=info.acct_pay, psn_cash_pay=info.psn_cash_pay,
                     wallet_pay=wallet_pay, setlinfo=json.dumps(setlinfo),
-                    lines=json.dumps([x.to_dict() for x in result.lines]), request_hash=visit.request_hash,
+                    lines=json.dumps(lines), request_hash=visit.request_hash,
                     entry_key=entry_key, kind=kind, original_setl_id=original, created_ts=self.clock_us(),
                     arpc=arpc)
 
     def _insert_rows(self, rows: list[dict]) -> bool:
         """Insert settlement rows of an entry that moves no money (everything paid in cash at
-        the counter), in a transaction that checks their business day is still open
-        (:func:`settlement.days.guard_open`). Returns False when a concurrent duplicate inserted
-        them first; raises :class:`HookRefused` (``business_day_closed``) when the day is no
-        longer open (nothing is written)."""
-        from sqlalchemy.exc import IntegrityError
-
-        from ledger.db import run_with_retry
-
-        def work(conn) -> None:
-            guard_open(conn, [r["business_date"] for r in rows])
-            conn.execute(insert(settlements), rows)
-
+        the counter), in a transaction that checks their business day is still open (the same
+        :class:`settlement.days.DayOpen` guard as a posting's; :meth:`Ledger.run_hooks`: one
+        message on PostgreSQL). Returns False when a concurrent duplicate inserted them first;
+        raises :class:`HookRefused` (``business_day_closed``) when the day is no longer open
+        (nothing is written)."""
+        days = sorted({r["business_date"] for r in rows})
         try:
-            run_with_retry(self.engine, work, retry_on_unique=False)
-        except IntegrityError:
-            return False
+            self.ledger.run_hooks([*(DayOpen(d) for d in days), InsertRows(settlements, rows)])
+        except Exception as exc:
+            if is_unique_violation(exc):
+                return False
+            raise
         return True
 
-    def _document_from(self, row: dict, *, replayed: bool) -> dict:
+    def _document_from(self, row: dict, *, replayed: bool, decoded: dict | None = None) -> dict:
+        """The answer for a settlement row (``decoded``: its ``setlinfo`` / ``lines`` already as
+        objects, see :meth:`_row`)."""
         return {
             "setl_id": row["setl_id"], "msgid": row["msgid"], "mdtrt_id": row["mdtrt_id"],
             "chrg_bchno": row["chrg_bchno"], "psn_no": row["psn_no"], "fixmedins_code": row["fixmedins_code"],
             "business_date": row["business_date"].isoformat(), "kind": row["kind"],
-            "original_setl_id": row["original_setl_id"], "setlinfo": json.loads(row["setlinfo"]),
-            "lines": json.loads(row["lines"]),
+            "original_setl_id": row["original_setl_id"],
+            "setlinfo": decoded["setlinfo"] if decoded else json.loads(row["setlinfo"]),
+            "lines": decoded["lines"] if decoded else json.loads(row["lines"]),
             "payment": {"method": row["pay_method"], "pan": row["pan"], "wallet_pay_fen": row["wallet_pay"],
                         "arpc": row.get("arpc") or ""},
             "replayed": replayed,

@@ -141,6 +141,18 @@ def _require(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
+def _field_names(cls) -> tuple[str, ...]:
+    """The field names of dataclass ``cls``, in order (worked out once per class: ``fields()``
+    costs microseconds on every call, and results are turned into dicts on every settlement)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 # --- input values -----------------------------------------------------------------------------
 
 def _decimal(value: Any, label: str, decimals_max: int) -> Decimal:
@@ -261,14 +273,17 @@ class PersonState:
     admission_deductible_used_fen: int = 0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            _fen(getattr(self, f.name), f.name)
+        for name in _PERSON_FIELDS:
+            _fen(getattr(self, name), name)
         if self.admissions_ytd > ADMISSIONS_YTD_MAX:
             raise SplitInputError(f"admissions_ytd: {self.admissions_ytd} is beyond {ADMISSIONS_YTD_MAX}")
 
     def to_dict(self) -> dict[str, int]:
         """JSON-ready ``{field: int}``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in _field_names(type(self))}
+
+
+_PERSON_FIELDS = _field_names(PersonState)
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -293,7 +308,7 @@ class LineSplit:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (amounts int fen; pric, cnt, selfpay_prop, pric_uplmt_amt strings)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in _field_names(type(self))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +343,7 @@ class SetlInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: amounts int fen, ``pool_prop_selfpay`` and ids strings."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in _field_names(type(self))}
 
 
 def setlinfo_identity_errors(s: SetlInfo) -> list[str]:
@@ -536,7 +551,7 @@ def split_visit(policy: Policy, state: PersonState, lines: Sequence[BillLine], *
 
 # --- JSON input -----------------------------------------------------------------------------
 
-_LINE_FIELDS = tuple(f.name for f in fields(BillLine))
+_LINE_FIELDS = _field_names(BillLine)
 
 
 def parse_bill_lines(raw: Any, *, where: str = "bill") -> list[BillLine]:
@@ -589,7 +604,7 @@ def person_state_from_mapping(raw: Any, *, where: str = "person_state_before") -
     """
     if not isinstance(raw, Mapping):
         raise SplitInputError(f"{where}: expected an object, got {type(raw).__name__}")
-    known = tuple(f.name for f in fields(PersonState))
+    known = _PERSON_FIELDS
     for name in raw:
         if name not in known:
             raise SplitInputError(f"{where}.{name}: unknown field (known: {', '.join(known)})")
