@@ -65,10 +65,11 @@ class SettleContext:
 #: A pending balance is the sum of the account's open holds: when it is zero there is no hold,
 #: past its timeout or not, to leave out (two index probes per account saved; accumulators and
 #: personal accounts never hold).
-_STATEMENT = "settle_context_v3"
+#: The four parts come back as one JSON array (one value to fetch and decode).
+_STATEMENT = "settle_context_v4"
 _STATEMENTS = {_STATEMENT: f"""
 PREPARE {_STATEMENT} (text, text, text, text, text[], bigint, text) AS
-SELECT
+SELECT json_build_array(
   EXISTS (SELECT 1 FROM settlements s WHERE s.entry_key = $2)
   OR EXISTS (SELECT 1 FROM settlements s WHERE s.fixmedins_code = $1 AND s.msgid = $3),
   (SELECT json_build_array(c.insutype, c.retired) FROM citizens c WHERE c.psn_no = $4),
@@ -83,8 +84,10 @@ SELECT
                                      WHERE p.state = 1 AND p.expires_ts <= $6 AND p.credit_account_id = a.id) END,
       a.credits_posted))
    FROM ledger_accounts a WHERE a.name = ANY($5)),
-  (SELECT json_build_array(k.psn_no, k.pan_seq, k.status, k.last_atc) FROM cards k WHERE k.pan = $7)
+  (SELECT json_build_array(k.psn_no, k.pan_seq, k.status, k.last_atc) FROM cards k WHERE k.pan = $7))
 """}
+
+_KINDS = {k.value: k for k in AccountKind}
 
 def usable_pan(pan) -> str | None:
     """``pan`` when it can be a PAN (a string of at most 19 digits), else None."""
@@ -109,18 +112,17 @@ def load_context(engine: Engine, *, org_code: str, entry_key: str, msgid: str, p
                       text_literal(msgid), text_literal(psn_no), text_array(account_names), str(int(now_us)),
                       "NULL" if pan is None else text_literal(pan)])
     res = run_prepared(engine, _STATEMENTS, f"EXECUTE {_STATEMENT}({args})")[-1]
-    taken = res.get_value(0, 0) == b"t"
-    raw_citizen, raw_balances, raw_card = (res.get_value(0, i) for i in (1, 2, 3))
+    taken, raw_citizen, raw_balances, raw_card = json.loads(res.get_value(0, 0).decode())
     citizen = None
     if raw_citizen is not None:
-        insutype, retired = json.loads(raw_citizen)
+        insutype, retired = raw_citizen
         citizen = CitizenRef(psn_no, insutype, bool(retired))
     balances = {}
-    for name, kind, dp, dpo, cp, cpo in json.loads(raw_balances) if raw_balances is not None else ():
-        balances[name] = Balance(name, AccountKind(kind), dp, dpo, cp, cpo)
+    for name, kind, dp, dpo, cp, cpo in raw_balances or ():
+        balances[name] = Balance(name, _KINDS[kind], dp, dpo, cp, cpo)
     card = None
     if raw_card is not None:
-        holder, pan_seq, status, last_atc = json.loads(raw_card)
+        holder, pan_seq, status, last_atc = raw_card
         card = CardRef(pan, holder, pan_seq, status, last_atc)
     return SettleContext(taken, citizen, balances, card)
 
