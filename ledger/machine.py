@@ -448,15 +448,13 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
         debits = a.dp + dp + a.dpo + dpo
         credits = a.cp + cp + a.cpo + cpo
         if debits > BALANCE_MAX or credits > BALANCE_MAX:
-            plan.exact.add(acc_id)
-            plan.exact.update(x[0] for x in checked)
+            _decided_on_exact(plan, acc_id, checked)
             i = min(debit_first.get(acc_id, n), credit_first.get(acc_id, n))
             return _failed(spec, i, TransferResult.OVERFLOWS_BALANCE, a.name)
         if a.flags & DMNEC and dp + dpo - cpo > 0:
             slack = a.cpo + cpo + a.credit_limit - debits
             if slack < 0:
-                plan.exact.add(acc_id)
-                plan.exact.update(x[0] for x in checked)  # the rules checked before it decided too
+                _decided_on_exact(plan, acc_id, checked)
                 available = a.cpo + a.credit_limit - a.dp - a.dpo
                 return _failed(spec, debit_first[acc_id], TransferResult.EXCEEDS_CREDITS,
                                f"{a.name}: available {available}, entry needs {dp + dpo - cpo}"
@@ -465,8 +463,7 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
         if a.flags & CMNED and cp + cpo - dpo > 0:
             slack = a.dpo + dpo + a.credit_limit - credits
             if slack < 0:
-                plan.exact.add(acc_id)
-                plan.exact.update(x[0] for x in checked)  # the rules checked before it decided too
+                _decided_on_exact(plan, acc_id, checked)
                 available = a.dpo + a.credit_limit - a.cp - a.cpo
                 return _failed(spec, credit_first[acc_id], TransferResult.EXCEEDS_DEBITS,
                                f"{a.name}: available {available}, entry needs {cp + cpo - dpo}")
@@ -515,6 +512,13 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
     legs = [(r[2], r[3], r[4]) for r in rows if r[5] == F_NONE or r[5] == F_POST]
     batch_targets[key] = ReversalTarget(None, bool(spec.reverses), False, legs, entry_ord)
     return ("new", entry_ord, base_ord, n)
+
+
+def _decided_on_exact(plan: Plan, acc_id: int, checked: list[tuple[int, int, int]]) -> None:
+    """An entry is refused on account ``acc_id``'s balance: that refusal, and the limit checks
+    passed before it in the same entry (``checked``), read those balances exactly."""
+    plan.exact.add(acc_id)
+    plan.exact.update(x[0] for x in checked)
 
 
 def _failed(spec: EntrySpec, index: int, result: TransferResult, detail: str) -> EntryOutcome:
