@@ -154,6 +154,21 @@ def is_unique_violation(exc: BaseException) -> bool:
         isinstance(orig, sqlite3.IntegrityError) and "UNIQUE constraint failed" in str(orig))
 
 
+def is_ledger_key_violation(exc: BaseException) -> bool:
+    """A unique violation on one of the ledger's own tables (an entry, transfer or reversal key
+    a concurrent writer committed first: a retry reads it and replays). A unique violation on
+    another table — a row a hook inserts in the batch's transaction, such as a settlement whose
+    msgid a concurrent request took — is not cured by retrying the same inputs."""
+    if not is_unique_violation(exc):
+        return False
+    orig = _driver_error(exc)
+    diag = getattr(orig, "diag", None)
+    table = getattr(diag, "table_name", None) if diag is not None else None
+    if table is None:  # SQLite: "UNIQUE constraint failed: ledger_entries.key"
+        table = str(orig).rsplit("UNIQUE constraint failed:", 1)[-1].strip()
+    return table.startswith("ledger_")
+
+
 def _is_database_error(exc: BaseException) -> bool:
     if isinstance(exc, (DBAPIError, StaleReadError, sqlite3.Error)):
         return True
@@ -165,11 +180,13 @@ def _is_database_error(exc: BaseException) -> bool:
 
 
 def run_with_retry(engine: Engine, work: Callable[[Connection], T], *, retries_max: int = RETRIES_MAX,
-                   retry_on_unique: bool = True) -> T:
+                   retry_on_unique: bool | Callable[[BaseException], bool] = True) -> T:
     """Run ``work(conn)`` in a write transaction; retry it (same inputs, same ids) on deadlock,
     serialization failure, busy database, stale read, lost connection or — when
     ``retry_on_unique`` — a unique violation caused by a concurrent duplicate (the retry then
-    sees the committed row and replays). Backs off 4, 8, 16 … ms (at most 0.2 s) between tries.
+    sees the committed row and replays); ``retry_on_unique`` may be a predicate choosing which
+    unique violations (e.g. :func:`is_ledger_key_violation`). Backs off 4, 8, 16 … ms (at most
+    0.2 s) between tries.
 
     Raises the last error after ``retries_max`` attempts; other errors propagate at once (the
     transaction is rolled back).
@@ -191,7 +208,8 @@ def run_with_retry(engine: Engine, work: Callable[[Connection], T], *, retries_m
             if not _is_database_error(exc):
                 raise
             attempt += 1
-            retryable = is_retryable(exc) or (retry_on_unique and is_unique_violation(exc))
+            unique = retry_on_unique(exc) if callable(retry_on_unique) else retry_on_unique and is_unique_violation(exc)
+            retryable = is_retryable(exc) or unique
             if not retryable or attempt >= retries_max:
                 raise
             time.sleep(min(0.002 * (2 ** attempt), RETRY_SLEEP_S_MAX))

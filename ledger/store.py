@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, insert, select, text
 
 from ledger import schema as s
-from ledger.db import is_sqlite, run_with_retry
+from ledger.db import is_ledger_key_violation, is_sqlite, run_with_retry
 from ledger.machine import (F_EXPIRED_VOID, F_NONE, F_PENDING, F_POST, F_VOID, S_EXPIRED, S_PENDING,
                             S_POSTED, S_VOIDED, Prepared, finish, is_valid_key, plan_batch, prepare)
 from ledger.model import (INT32_MAX, KEY_LENGTH_MAX, TRANSFER_KEY_LENGTH_MAX, AccountFlags, AccountKind,
@@ -278,7 +278,8 @@ class Ledger:
                     _call_hooks(conn, None, hooks, plan, outcomes)
                 return outcomes, plan.expired_count
 
-            return run_with_retry(self.engine, work_sqlite, retries_max=self.retries_max)
+            return run_with_retry(self.engine, work_sqlite, retries_max=self.retries_max,
+                                  retry_on_unique=is_ledger_key_violation)
 
         n_entries = len(lookups[3])
         n_transfers = sum(len(p.spec.transfers) for p in batch if p.failure is None)

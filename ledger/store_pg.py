@@ -54,7 +54,8 @@ from collections.abc import Callable, Iterator, Sequence
 from psycopg import errors as pg_errors, generators, pq
 from sqlalchemy import Engine, event
 
-from ledger.db import HOOK_REFUSED, RETRY_SLEEP_S_MAX, HookRefused, StaleReadError, is_retryable, is_unique_violation
+from ledger.db import (HOOK_REFUSED, RETRY_SLEEP_S_MAX, HookRefused, StaleReadError, is_ledger_key_violation,
+                       is_retryable)
 from ledger.machine import (Account, Hold, Plan, ReversalTarget, Snapshot, StoredEntry, F_NONE, F_PENDING,
                             F_POST, S_PENDING)
 
@@ -433,7 +434,9 @@ class PgStore:
         """Call ``work(raw, sa_conn, begin)`` on a connection in autocommit mode (the statements
         carry BEGIN / COMMIT themselves; ``begin`` is the text that starts the transaction on
         that connection); retry retryable errors with the same inputs, at most ``retries_max``
-        attempts (a unique violation too, unless ``retry_on_unique`` is false). ``with_sa`` gives
+        attempts (a unique violation on a ledger table too — a concurrent duplicate key, which
+        the retry replays — unless ``retry_on_unique`` is false; one on a hook's table fails at
+        once, so that the group committer isolates its entry without backing off). ``with_sa`` gives
         ``work`` an SQLAlchemy Connection on the same database
         session (for hooks); otherwise ``sa_conn`` is None and the connection comes from the
         engine's :class:`HotPool` (or, when all of those are busy, from the engine's pool)."""
@@ -450,7 +453,7 @@ class PgStore:
                 attempt += 1
                 if isinstance(exc, _Missing) and attempt < retries_max:
                     continue
-                if attempt >= retries_max or not (is_retryable(exc) or (retry_on_unique and is_unique_violation(exc))):
+                if attempt >= retries_max or not (is_retryable(exc) or (retry_on_unique and is_ledger_key_violation(exc))):
                     raise
                 time.sleep(min(0.002 * (2 ** attempt), RETRY_SLEEP_S_MAX))
 

@@ -177,3 +177,49 @@ def test_hooks_run_once_in_the_batch_transaction(w):
         keys = sorted(conn.execute(text(f"SELECT entry_key FROM {table}")).scalars())
     assert keys == sorted(e.key for e in entries[:24])
     assert w.ledger.verify() == []
+
+
+def test_a_row_a_hook_cannot_insert_fails_its_entry_at_once_and_alone(w):
+    """A hook's row that hits a unique key (a row a concurrent request wrote first) is not
+    retried — the same inputs would meet the same row — and, in a batch, fails only its entry:
+    the others of the batch commit."""
+    from sqlalchemy import Column, MetaData, Table, Text, text
+
+    from ledger.db import is_unique_violation
+    from ledger.store import InsertRows
+
+    engine = w.ledger.engine
+    table = Table("gc_rows_" + w.ns.replace("-", "_").replace(":", ""), MetaData(), Column("k", Text, primary_key=True))
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {table.name} VALUES ('taken')"))
+    sent: list[str] = []
+
+    class Counted(InsertRows):
+        __slots__ = ()
+
+        @classmethod
+        def pg_sql(cls, hooks):
+            sent.extend(r["k"] for h in hooks for r in h.rows)
+            return super().pg_sql(hooks)
+
+        @classmethod
+        def run_sa(cls, conn, hooks):
+            sent.extend(r["k"] for h in hooks for r in h.rows)
+            super().run_sa(conn, hooks)
+
+    with pytest.raises(Exception) as caught:
+        w.ledger.submit(w.entry(w.t("bank", "merchant", 1)), Counted(table, [{"k": "taken"}]))
+    assert is_unique_violation(caught.value)
+    assert sent == ["taken"]  # tried once, not retried with backoff
+
+    sent.clear()
+    with GroupCommitter(w.ledger, wait_ms_max=2000, linger_ms=500, committers=1) as gc:
+        keys = ["a", "b", "taken", "c"]
+        outs = _together(4, lambda i: gc.submit(w.entry(w.t("bank", "merchant", 1)), Counted(table, [{"k": keys[i]}])))
+    assert sum(isinstance(o, Exception) and is_unique_violation(o) for o in outs) == 1
+    assert sum(not isinstance(o, Exception) and o.ok for o in outs) == 3
+    assert sent.count("taken") <= 3  # the batch once (maybe twice, speculation then locks), then alone
+    with engine.connect() as conn:
+        assert sorted(conn.execute(text(f"SELECT k FROM {table.name}")).scalars()) == ["a", "b", "c", "taken"]
+    assert w.ledger.verify() == []
