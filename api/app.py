@@ -38,6 +38,7 @@ from api.bootstrap import Container
 from api.errors import PROBLEM_MEDIA_TYPE, from_domain, plain_problem_response, problem, problem_body
 from api.settings import BODY_BYTES_MAX, CLOCK_SKEW_S_MAX, SIGNATURE_AGE_S_MAX
 from card.accounts import wallet_account
+from ledger.db import is_database_unavailable
 from ledger.errors import DomainError, Rejected
 from settlement.service import TerminalContext
 from terminals.nonce import NonceStoreError
@@ -147,7 +148,15 @@ def create_app(container: Container) -> FastAPI:
             result = await run_in_threadpool(work, ctx_holder["ctx"], payload)
         except DomainError as exc:
             return answer(from_domain(exc, request))
-        except Exception:  # a defect: log it, answer a signed problem; the unit of work rolled back
+        except Exception as exc:
+            if is_database_unavailable(exc):  # transient: the terminal resolves it by msgid
+                log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+                return answer(problem(503, "database_unavailable", "Service unavailable",
+                                      "the database could not be reached or the connection was lost; whether "
+                                      "this request took effect is unknown: query it by its msgid, and send it "
+                                      "again with the same msgid only if nothing is found",
+                                      instance=request.url.path))
+            # a defect: log it, answer a signed problem; the unit of work rolled back
             log.exception("unexpected error on %s %s", request.method, request.url.path)
             return answer(problem(500, "internal_error", "Internal error",
                                   "the engine failed to handle this request; nothing was posted for it "

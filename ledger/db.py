@@ -154,6 +154,24 @@ def is_unique_violation(exc: BaseException) -> bool:
         isinstance(orig, sqlite3.IntegrityError) and "UNIQUE constraint failed" in str(orig))
 
 
+def is_database_unavailable(exc: BaseException) -> bool:
+    """The database could not be reached, dropped the connection, or stayed busy or contended
+    past the retries (a driver ``OperationalError``, a lost connection, a deadlock or
+    serialization failure retried to the limit): a transient condition, not a defect. Whether
+    a write it interrupted took effect is unknown (a COMMIT may have been lost on the way
+    back)."""
+    if is_retryable(exc):
+        return True
+    orig = _driver_error(exc)
+    if isinstance(orig, sqlite3.OperationalError):
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(orig, psycopg.OperationalError)
+
+
 def is_ledger_key_violation(exc: BaseException) -> bool:
     """A unique violation on one of the ledger's own tables (an entry, transfer or reversal key
     a concurrent writer committed first: a retry reads it and replays). A unique violation on

@@ -99,15 +99,22 @@ class TerminalClient:
         return self.call("GET", "/v1/settlements", params={"msgid": msgid})
 
     def settle_safely(self, visit: dict) -> dict:
-        """Settle, resolving a lost answer by query before any retry (never settles twice)."""
+        """Settle, resolving a lost answer by query before any retry (never settles twice). An
+        answer that never came (a transport error) and a 503 (the engine lost its database
+        mid-request: the outcome is unknown) are both resolved that way; ``EngineError`` for
+        any other problem, or when the retries run out."""
         for attempt in range(RETRIES_MAX):
             try:
                 return self.settle(visit)
-            except httpx.TransportError:
+            except (httpx.TransportError, EngineError) as first:
+                if isinstance(first, EngineError) and first.status != 503:
+                    raise
+                if attempt:
+                    time.sleep(min(0.2 * 2 ** attempt, 2.0))  # the engine or its database is recovering
                 try:
                     return self.query(visit["msgid"])
-                except EngineError as exc:
-                    if exc.status != 404 or attempt == RETRIES_MAX - 1:
+                except EngineError as exc:  # 404: it did not settle; 503: still unknown
+                    if exc.status not in (404, 503) or attempt == RETRIES_MAX - 1:
                         raise
                 except httpx.TransportError:
                     if attempt == RETRIES_MAX - 1:

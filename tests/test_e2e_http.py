@@ -173,6 +173,9 @@ def raw_post(eng, path: str, body: bytes, *, sign: bool = True, key=None, tamper
     ("amount overflow", None, 422, "line_invalid"),
     ("missing lines", b'{"msgid": "m1", "mdtrt_id": "x", "chrg_bchno": "b", "psn_no": "p", "med_type": "11"}',
      422, "field_invalid"),
+    ("digit separator in a price", None, 422, "line_invalid"),
+    ("non-ASCII digits in a quantity", None, 422, "line_invalid"),
+    ("exponent in a price", None, 422, "line_invalid"),
 ])
 def test_bad_settlement_input_is_a_problem_and_posts_nothing(eng, case, body, status, code):
     if body is None:
@@ -182,6 +185,12 @@ def test_bad_settlement_input_is_a_problem_and_posts_nothing(eng, case, body, st
             line["cnt"] = "-1"
         elif case == "unknown item class":
             line["chrgitm_lv"] = "X"
+        elif case == "digit separator in a price":
+            line["pric"] = "1_000"  # Decimal() alone would read 1000
+        elif case == "non-ASCII digits in a quantity":
+            line["cnt"] = "\u0661"  # ARABIC-INDIC DIGIT ONE, which Decimal() alone reads as 1
+        elif case == "exponent in a price":
+            line["pric"] = "1e3"
         else:
             line["pric"] = "99999999999999999999"
         v["lines"] = [line]
@@ -402,3 +411,47 @@ def test_identical_merchant_payments_at_once_take_the_money_once_and_all_see_it(
         results = list(pool.map(attempt, range(6)))
     assert len(set(results)) == 1 and str(results[0]).startswith("P"), results
     assert eng.balance(chart.wallet_account(eng.card.pan)) == 10_000 - 700
+
+
+def test_a_database_lost_mid_settlement_is_a_503_resolved_by_query(eng):
+    """The engine's database connection drops right after the settlement committed (its answer
+    is lost with it): the terminal gets a signed 503 ``database_unavailable`` (never a 500),
+    and the SDK resolves it by querying the msgid — one settlement, never two."""
+    import psycopg
+    from sqlalchemy import func, select
+
+    from settlement.schema import settlements
+    from terminals.client import EngineError, TerminalClient
+
+    svc = eng.container.settlements
+    real_submit = svc.submit
+    dropped = []
+
+    def submit_then_drop(*args, **kwargs):
+        outcome = real_submit(*args, **kwargs)
+        if not dropped:
+            dropped.append(outcome)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return outcome
+
+    def settled(v) -> int:
+        with eng.container.engine.connect() as conn:
+            return conn.scalar(select(func.count()).select_from(settlements)
+                               .where(settlements.c.mdtrt_id == v["mdtrt_id"]))
+
+    svc.submit = submit_then_drop
+    try:
+        client = TerminalClient(eng.base_url, "TC000001", eng.clinic_key, eng.container.keys.engine_key.public_key())
+        with client:
+            first = visit(eng, 71)
+            with pytest.raises(EngineError) as caught:
+                client.settle(first)
+            assert caught.value.status == 503 and caught.value.code == "database_unavailable"
+            assert len(dropped) == 1 and settled(first) == 1  # it did settle: the answer was lost
+            dropped.clear()
+            second = visit(eng, 72)
+            doc = client.settle_safely(second)
+        assert len(dropped) == 1 and doc["replayed"] is True  # learnt from the query (NHSA 5203)
+        assert settled(second) == 1
+    finally:
+        svc.submit = real_submit
