@@ -11,6 +11,7 @@ Rules (DESIGN.md, "Money"):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
@@ -25,10 +26,19 @@ class MoneyError(ValueError):
     """A monetary value is malformed, out of range or mixes currencies."""
 
 
-def to_decimal(text: str | int | Decimal, *, field: str = "value") -> Decimal:
-    """Parse a decimal string (or int/Decimal) exactly; never accepts float.
+#: A decimal number as NHSA files and our API write it: ASCII digits, an optional sign and
+#: decimal point, nothing else (no exponent, digit separator, other scripts' digits, or
+#: whitespace inside; surrounding whitespace is tolerated). Python's ``Decimal()`` alone would
+#: take "1_000", "١٢" or "1e3".
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 
-    Raises :class:`MoneyError` naming ``field`` when the text is not a finite decimal number.
+
+def to_decimal(text: str | int | Decimal, *, field: str = "value") -> Decimal:
+    """Parse a decimal string (``[+-]digits[.digits]``, ASCII; see :data:`_DECIMAL_TEXT`) or an
+    int/Decimal exactly; never accepts float.
+
+    Raises :class:`MoneyError` naming ``field`` when the text is not a finite decimal number in
+    that form.
     """
     if isinstance(text, bool) or isinstance(text, float):
         raise MoneyError(f"{field}: binary floats are not accepted for money, give a decimal string")
@@ -37,9 +47,13 @@ def to_decimal(text: str | int | Decimal, *, field: str = "value") -> Decimal:
     elif isinstance(text, int):
         value = Decimal(text)
     elif isinstance(text, str):
+        stripped = text.strip(" \t")
+        if len(stripped) > 64 or not _DECIMAL_TEXT.fullmatch(stripped):
+            raise MoneyError(f"{field}: {text[:70]!r} is not a decimal number: write a plain decimal (digits "
+                             "0-9, an optional sign and decimal point)")
         try:
-            value = Decimal(text.strip())
-        except InvalidOperation:
+            value = Decimal(stripped)
+        except InvalidOperation:  # pragma: no cover - the pattern admits only valid numbers
             raise MoneyError(f"{field}: {text!r} is not a decimal number") from None
     else:
         raise MoneyError(f"{field}: expected a decimal string, got {type(text).__name__}")

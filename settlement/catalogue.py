@@ -395,7 +395,8 @@ def parse_decimal_field(text: str, field_name: str, *, empty: Decimal | None = N
     try:
         value = to_decimal(text, field=field_name)
     except MoneyError:
-        raise _fail(field_name, f"{text!r} is not a decimal number") from None
+        raise _fail(field_name, f"{text!r} is not a decimal number: write a plain decimal (digits, optional "
+                                "point)") from None
     if value < 0:
         raise _fail(field_name, f"{text!r} is negative")
     if not _PLAIN_DECIMAL.fullmatch(text):

@@ -732,7 +732,7 @@ def partial_refund(lines: Sequence[BillLine], returned_units: Mapping[str, Any])
     by_sn = {line.feedetl_sn: line for line in lines}
     units: dict[str, Decimal] = {}
     for sn, value in returned_units.items():
-        label = f"returned[{sn}]"
+        label = f"returned feedetl_sn {sn!r}"
         if sn not in by_sn:
             raise SplitInputError(f"{label}: no line with this feedetl_sn in the original bill")
         number = _decimal(value, label, CNT_DECIMALS_MAX)

@@ -321,9 +321,9 @@ def test_refund_split_is_not_a_settlement_of_the_returned_units_alone():
 def test_partial_refund_refuses_returning_more_than_billed():
     lines = parse_bill_lines([{"feedetl_sn": "1", "chrgitm_lv": "A", "pric": "1", "cnt": "2"},
                               {"feedetl_sn": "2", "chrgitm_lv": "C", "pric": "3", "cnt": "1.5"}])
-    with pytest.raises(SplitInputError, match=r"returned\[1\]: 3 units returned but only 2 billed"):
+    with pytest.raises(SplitInputError, match=r"returned feedetl_sn '1': 3 units returned but only 2 billed"):
         partial_refund(lines, {"1": "3"})
-    with pytest.raises(SplitInputError, match=r"returned\[9\]: no line"):
+    with pytest.raises(SplitInputError, match=r"returned feedetl_sn '9': no line"):
         partial_refund(lines, {"9": "1"})
     with pytest.raises(SplitInputError, match="negative"):
         partial_refund(lines, {"1": "-1"})
