@@ -80,6 +80,24 @@ recharges = Table(
 )
 Index("ix_recharges_day", recharges.c.business_date)
 
+#: A card settlement refused after the card authorised it (declined for funds, say): its
+#: counter was spent with the refusal, so a resend of the same message gets the same answer
+#: (and a query by msgid learns it) instead of ``atc_replayed`` (revision 0005).
+settlement_declines = Table(
+    "settlement_declines", metadata,
+    Column("fixmedins_code", String(32), primary_key=True),
+    Column("msgid", String(40), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("pan", String(19), nullable=False),
+    Column("atc", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),  # the refusal's class: Rejected | Conflict | Invalid
+    Column("code", String(64), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("extra", Text, nullable=False),  # JSON object of the refusal's extra fields
+    Column("created_ts", BigInteger, nullable=False),
+)
+
 business_days = Table(
     "business_days", metadata,
     Column("business_date", Date, primary_key=True),

@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, or_, select
 
 from card.service import CardService
 from ledger.db import HookRefused, is_unique_violation
-from ledger.errors import Conflict, Invalid, NotFound, Rejected
+from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
 from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryResult, EntrySpec,
                           TransferResult, TransferSpec)
 from ledger.store import InsertRows, Ledger
@@ -56,10 +57,11 @@ from settlement.catalogue import Catalogue
 from settlement.days import BusinessDays, DayOpen, book_on_open_day, is_day_closed
 from settlement.policy import INPATIENT_MED_TYPES, PolicyBook, PolicyNotFound
 from settlement.reads import SettleContext, load_context, usable_pan
-from settlement.schema import settlements
+from settlement.schema import settlement_declines, settlements
 from settlement.split import (BillLine, PersonState, SplitInputError, parse_bill_lines, partial_refund,
                               split_visit)
 
+log = logging.getLogger(__name__)
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 ATTEMPTS_MAX = 6
 ID_CHARS_MAX = 40
@@ -175,6 +177,19 @@ def refuse_refund_that_charges_more(original: dict, new) -> None:
                        f"patient {max(cash, own)} fen more than the whole bill did"
                        f"{' in cash or from the card' if cash > 0 else ' from the personal account'}; cancel the "
                        "settlement and settle the remaining lines anew")
+
+
+def _printable(value) -> bool:
+    return isinstance(value, str) and value.isprintable()
+
+
+def _refusal_from(row) -> DomainError:
+    """The refusal a ``settlement_declines`` row recorded, as the error to raise again."""
+    cls = {"Rejected": Rejected, "Conflict": Conflict, "Invalid": Invalid, "NotFound": NotFound}.get(row.kind, Conflict)
+    extra = json.loads(row.extra)
+    if cls is Rejected:
+        return Rejected(row.code, row.detail, status=row.status, **extra)
+    return cls(row.code, row.detail, **extra)
 
 
 def undo_key(setl_id: str) -> str:
@@ -473,9 +488,47 @@ class SettlementService:
         unspent: list = []  # a card authorisation whose counter is not accepted yet
         try:
             return self._settle(ctx, visit, unspent)
+        except DomainError as exc:
+            if unspent:  # the card authorised it, then it was refused: spend the counter with the refusal
+                self._record_decline(ctx, visit, unspent.pop(), exc)
+            raise
         finally:
             for auth in unspent:
                 self.cards.consume(auth)
+
+    def _record_decline(self, ctx: TerminalContext, visit: Visit, auth, exc: DomainError) -> None:
+        """Spend the card counter of a settlement refused after the card authorised it, and
+        record the refusal in the same transaction (``settlement_declines``), so that a resend
+        of this message answers the same refusal (:meth:`_declined`) instead of ``atc_replayed``.
+        A counter a concurrent copy already spent, or a refusal it already recorded, is left as
+        it is; a failing database is logged (the caller's own refusal is the one reported)."""
+        row = dict(fixmedins_code=ctx.org_code, msgid=visit.msgid, request_hash=visit.request_hash, pan=auth.pan,
+                   atc=auth.atc, kind=type(exc).__name__, code=exc.code, status=getattr(exc, "status", 409),
+                   detail=exc.detail, extra=json.dumps(exc.extra, default=str), created_ts=self.clock_us())
+        try:
+            self.ledger.run_hooks([self.cards.counter_hook(auth), InsertRows(settlement_declines, [row])])
+        except HookRefused:
+            pass  # the counter was spent meanwhile (by a copy of this request, which answered)
+        except Exception as err:
+            if not is_unique_violation(err):
+                log.warning("card %s: the declined settlement %s could not be recorded", auth.pan, visit.msgid,
+                            exc_info=True)
+
+    def _declined(self, ctx: TerminalContext, visit: Visit) -> DomainError | None:
+        """The refusal recorded for this message (:meth:`_record_decline`), as the error to raise
+        again; ``msgid_reused`` when the message id was declined for another request; None when
+        none is recorded."""
+        if not _printable(visit.msgid):
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(select(settlement_declines).where(
+                settlement_declines.c.fixmedins_code == ctx.org_code,
+                settlement_declines.c.msgid == visit.msgid)).first()
+        if row is None:
+            return None
+        if row.request_hash != visit.request_hash:
+            return Conflict("msgid_reused", f"msgid {visit.msgid} was used for another request")
+        return _refusal_from(row)
 
     def _settle(self, ctx: TerminalContext, visit: Visit, unspent: list) -> dict:
         method = visit.payment["method"]
@@ -485,6 +538,9 @@ class SettlementService:
             replay = self._replay_or_conflict(ctx, visit)
             if replay is not None:
                 return replay
+            declined = self._declined(ctx, visit)  # refused before, after the card authorised it
+            if declined is not None:
+                raise declined
         citizen = self._citizen_of(sc, visit.psn_no)
         policy = self._policy(ctx, citizen, visit.med_type)
         names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
@@ -519,6 +575,9 @@ class SettlementService:
                     # A copy of this very request may have settled it meanwhile (the terminal
                     # resent it): then its counter is used and the amount due has changed.
                     if exc.code in ("atc_replayed", "qr_code_already_used"):
+                        declined = self._declined(ctx, visit)  # this very request, refused before
+                        if declined is not None:
+                            raise declined from None
                         replay = self._await_duplicate(ctx, visit)
                     else:
                         replay = self._replay_or_conflict(ctx, visit)
@@ -580,6 +639,9 @@ class SettlementService:
                 replay = self._await_duplicate(ctx, visit)
                 if replay is not None:
                     return replay
+                declined = self._declined(ctx, visit)  # a copy of this request was refused meanwhile
+                if declined is not None:
+                    raise declined from None
                 self.cards.active_card(auth.pan)  # Rejected card_blocked when that is why
                 raise Rejected("atc_replayed", f"card {auth.pan}: ATC {auth.atc} was already used") from None
             if outcome.ok:
@@ -731,7 +793,14 @@ class SettlementService:
         that message produced. Raises NotFound when that message never settled anything."""
         with self.engine.connect() as conn:
             row = self._existing(conn, fixmedins_code=ctx.org_code, msgid=msgid)
+            declined = None
+            if row is None and _printable(msgid):
+                declined = conn.execute(select(settlement_declines).where(
+                    settlement_declines.c.fixmedins_code == ctx.org_code,
+                    settlement_declines.c.msgid == msgid)).first()
         if row is None:
+            if declined is not None:  # it settled nothing: it was refused, and this is why
+                raise _refusal_from(declined)
             raise NotFound("settlement_not_found", f"no settlement for msgid {msgid}")
         return self._document(row, replayed=True)
 

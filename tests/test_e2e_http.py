@@ -455,3 +455,29 @@ def test_a_database_lost_mid_settlement_is_a_503_resolved_by_query(eng):
         assert settled(second) == 1
     finally:
         svc.submit = real_submit
+
+
+def test_a_lost_answer_to_a_declined_card_settlement_is_learnt_as_the_decline(eng):
+    """The wallet cannot pay the cash part and the 402 is lost on the way back: the SDK's
+    query by msgid learns the decline (402 insufficient_funds, signed), never atc_replayed, and
+    a resend of the same message answers the same."""
+    from terminals.client import EngineError, TerminalClient
+
+    v = visit(eng, 73)
+    due = eng.clinic.presettle(v)["setlinfo"]["psn_cash_pay"]
+    assert due > eng.balance(chart.wallet_account(eng.card.pan))  # the wallet was never recharged
+    v["payment"] = eng.card_payment(due)
+    snap = ledger_snapshot(eng)
+    transport = LosesFirstSettlementAnswer()
+    client = TerminalClient(eng.base_url, "TC000001", eng.clinic_key, eng.container.keys.engine_key.public_key(),
+                            transport=transport)
+    with client:
+        with pytest.raises(EngineError) as learnt:
+            client.settle_safely(v)
+        assert transport.lost == 1
+        assert (learnt.value.status, learnt.value.code) == (402, "insufficient_funds")
+        with pytest.raises(EngineError) as again:
+            client.settle(v)
+        assert (again.value.status, again.value.code) == (402, "insufficient_funds")
+    moved = {k: v for k, v in ledger_snapshot(eng).items() if v != (0, 0, 0, 0)}
+    assert moved == {k: v for k, v in snap.items() if v != (0, 0, 0, 0)}  # accounts opened, nothing moved

@@ -442,6 +442,47 @@ def test_the_settlement_splits_on_its_own_figures_when_the_account_changed_since
     assert doc["setlinfo"]["acct_pay"] == 6_000 and doc["payment"]["wallet_pay_fen"] == due - 5_000
 
 
+def test_a_declined_card_settlement_resent_or_queried_answers_its_decline(world, monkeypatch):
+    """A card settlement the card authorised but the wallet could not pay spends the card's
+    counter and records the refusal: the same message sent again (its answer was lost) gets the
+    same 402 at once, never ``atc_replayed``; a query by its msgid learns the decline; the same
+    msgid for another request is ``msgid_reused``; nothing moved."""
+    from settlement.service import SettlementService
+
+    p = world.add_person(personal_fen=0, wallet_fen=1_000)
+    snap = world.pending_free_snapshot()
+    with pytest.raises(Rejected) as first:
+        world.settle(p, world.bill(("C", "45.80", "1")), method="card")
+    assert first.value.code == "insufficient_funds" and first.value.status == 402
+    v = world.last_visit
+
+    def no_wait(*_args):
+        raise AssertionError("a recorded decline is answered without waiting for a copy in flight")
+
+    monkeypatch.setattr(SettlementService, "_await_duplicate", no_wait)
+    with pytest.raises(Rejected) as again:
+        world.svc.settle(CLINIC, v)  # the same request, the same cryptogram
+    assert (again.value.code, again.value.status, again.value.detail) == ("insufficient_funds", 402,
+                                                                          first.value.detail)
+    with pytest.raises(Rejected) as queried:
+        world.svc.query_by_msgid(CLINIC, v["msgid"])
+    assert queried.value.code == "insufficient_funds" and queried.value.status == 402
+    other = world.visit(p, world.bill(("C", "9.00", "1")), method="card")
+    other["msgid"] = v["msgid"]
+    other["payment"] = world.card_payment(p, 900)
+    with pytest.raises(Conflict) as reused:
+        world.svc.settle(CLINIC, other)
+    assert reused.value.code == "msgid_reused"
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    monkeypatch.undo()
+    import settlement.service
+    monkeypatch.setattr(settlement.service, "DUPLICATE_WAIT_S", 0.1)  # a copy in flight would have landed
+    with pytest.raises(Rejected) as replayed:  # the declined cryptogram's counter is spent
+        world.svc.settle(CLINIC, dict(world.visit(p, world.bill(("C", "45.80", "1")), method="card"),
+                                      payment=v["payment"]))
+    assert replayed.value.code == "atc_replayed"
+
+
 def test_a_card_cryptogram_replayed_for_another_visit_is_refused(world, monkeypatch):
     import settlement.service
 
