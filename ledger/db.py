@@ -217,10 +217,15 @@ def run_with_retry(engine: Engine, work: Callable[[Connection], T], *, retries_m
                     return work(conn)
                 except BaseException as exc:
                     # The hot path talks to the driver directly: make sure a broken connection
-                    # is not handed back to the pool.
-                    raw = getattr(conn.connection, "driver_connection", None)
-                    if getattr(raw, "broken", False) and not conn.invalidated:
-                        conn.invalidate(exc if isinstance(exc, Exception) else None)
+                    # is not handed back to the pool. (Once SQLAlchemy has invalidated it
+                    # itself, even asking for it raises: the original error is the one to keep.)
+                    if not conn.invalidated:
+                        try:
+                            raw = getattr(conn.connection, "driver_connection", None)
+                        except Exception:
+                            raw = None
+                        if getattr(raw, "broken", False):
+                            conn.invalidate(exc if isinstance(exc, Exception) else None)
                     raise
         except Exception as exc:
             if not _is_database_error(exc):

@@ -68,3 +68,27 @@ def test_the_shared_pool_is_left_as_other_code_expects(world):
         assert conn.execute(text("SHOW enable_seqscan")).scalar() == "on"
         conn.execute(text("SELECT 1"))
         conn.rollback()
+
+
+@pytest.mark.pg
+def test_a_connection_killed_mid_transaction_is_retried_by_run_with_retry(pg_url):
+    """The server ends the session in the middle of a write transaction (an administrator's
+    pg_terminate_backend, a failover): the work is retried on a new connection, never reported
+    as SQLAlchemy's PendingRollbackError (which would hide the lost connection)."""
+    from ledger.db import run_with_retry
+
+    engine = make_engine(pg_url)
+    calls = []
+
+    def work(conn):
+        calls.append(conn.scalar(text("SELECT pg_backend_pid()")))
+        if len(calls) == 1:
+            with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (calls[0],))
+        return conn.scalar(text("SELECT 42"))
+
+    try:
+        assert run_with_retry(engine, work) == 42
+        assert len(calls) == 2 and calls[0] != calls[1]
+    finally:
+        engine.dispose()
