@@ -59,6 +59,14 @@ def json_bytes(doc) -> bytes:
         return json.dumps(doc, default=str).encode()
 
 
+def _database_unavailable(request: Request) -> dict:
+    """The 503 problem for a database lost or unreachable while handling ``request``."""
+    return problem(503, "database_unavailable", "Service unavailable",
+                   "the database could not be reached or the connection was lost; whether this request "
+                   "took effect is unknown: query it by its msgid, and send it again with the same msgid "
+                   "only if nothing is found", instance=request.url.path)
+
+
 def create_app(container: Container) -> FastAPI:
     """The FastAPI application over a bootstrapped :class:`Container`."""
     app = FastAPI(title="Citizen-card payment and medical settlement engine", version="0.1.0",
@@ -133,6 +141,11 @@ def create_app(container: Container) -> FastAPI:
             return answer(problem(401, exc.code, "Unauthenticated", str(exc), instance=request.url.path))
         except NonceStoreError as exc:
             return answer(problem(503, "nonce_store_unavailable", "Service unavailable", str(exc)))
+        except Exception as exc:  # the terminal registry's database, while checking the signature
+            if not is_database_unavailable(exc):
+                raise
+            log.warning("database unavailable verifying %s %s: %s", request.method, request.url.path, exc)
+            return answer(_database_unavailable(request))
         payload: Any = None
         if json_body:
             try:
@@ -151,11 +164,7 @@ def create_app(container: Container) -> FastAPI:
         except Exception as exc:
             if is_database_unavailable(exc):  # transient: the terminal resolves it by msgid
                 log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-                return answer(problem(503, "database_unavailable", "Service unavailable",
-                                      "the database could not be reached or the connection was lost; whether "
-                                      "this request took effect is unknown: query it by its msgid, and send it "
-                                      "again with the same msgid only if nothing is found",
-                                      instance=request.url.path))
+                return answer(_database_unavailable(request))
             # a defect: log it, answer a signed problem; the unit of work rolled back
             log.exception("unexpected error on %s %s", request.method, request.url.path)
             return answer(problem(500, "internal_error", "Internal error",

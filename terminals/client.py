@@ -101,25 +101,30 @@ class TerminalClient:
     def settle_safely(self, visit: dict) -> dict:
         """Settle, resolving a lost answer by query before any retry (never settles twice). An
         answer that never came (a transport error) and a 503 (the engine lost its database
-        mid-request: the outcome is unknown) are both resolved that way; ``EngineError`` for
-        any other problem, or when the retries run out."""
+        mid-request: the outcome is unknown) are both resolved that way: the query finds the
+        settlement (or the refusal) that message produced, or nothing, and only then is the
+        same message sent again. ``EngineError`` for any other problem; when the retries run
+        out, the last unknown-outcome error (never the query's "not found", which would read as
+        "not settled" while the last copy may still land)."""
+        unknown: BaseException | None = None
         for attempt in range(RETRIES_MAX):
+            if attempt:
+                time.sleep(min(0.2 * 2 ** attempt, 2.0))  # the engine or its database is recovering
             try:
                 return self.settle(visit)
-            except (httpx.TransportError, EngineError) as first:
-                if isinstance(first, EngineError) and first.status != 503:
+            except (httpx.TransportError, EngineError) as exc:
+                if isinstance(exc, EngineError) and exc.status != 503:
                     raise
-                if attempt:
-                    time.sleep(min(0.2 * 2 ** attempt, 2.0))  # the engine or its database is recovering
-                try:
-                    return self.query(visit["msgid"])
-                except EngineError as exc:  # 404: it did not settle; 503: still unknown
-                    if exc.status not in (404, 503) or attempt == RETRIES_MAX - 1:
-                        raise
-                except httpx.TransportError:
-                    if attempt == RETRIES_MAX - 1:
-                        raise
-        raise RuntimeError("unreachable")
+                unknown = exc
+            try:
+                return self.query(visit["msgid"])
+            except EngineError as exc:  # 404: it did not settle (send it again); 503: still unknown
+                if exc.status not in (404, 503):
+                    raise
+            except httpx.TransportError:
+                pass
+        assert unknown is not None
+        raise unknown
 
     def cancel(self, setl_id: str, msgid: str) -> dict:
         """NHSA 2208: cancel a settlement (once)."""

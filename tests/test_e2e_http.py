@@ -481,3 +481,22 @@ def test_a_lost_answer_to_a_declined_card_settlement_is_learnt_as_the_decline(en
         assert (again.value.status, again.value.code) == (402, "insufficient_funds")
     moved = {k: v for k, v in ledger_snapshot(eng).items() if v != (0, 0, 0, 0)}
     assert moved == {k: v for k, v in snap.items() if v != (0, 0, 0, 0)}  # accounts opened, nothing moved
+
+
+def test_a_database_lost_while_checking_the_signature_is_a_signed_503(eng, monkeypatch):
+    """The terminal registry's database fails while the request's signature is being checked:
+    a signed 503 ``database_unavailable`` (nothing was posted), never an unsigned 500."""
+    import psycopg
+
+    from terminals.client import EngineError
+
+    def lost(_key_id):
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(eng.container.registry, "lookup", lost)
+    snap = ledger_snapshot(eng)
+    with pytest.raises(EngineError) as caught:  # the SDK believes only signed answers
+        eng.clinic.settle(visit(eng, 74))
+    assert (caught.value.status, caught.value.code) == (503, "database_unavailable")
+    monkeypatch.undo()
+    assert ledger_snapshot(eng) == snap
