@@ -47,7 +47,7 @@ def to_decimal(text: str | int | Decimal, *, field: str = "value") -> Decimal:
     elif isinstance(text, int):
         value = Decimal(text)
     elif isinstance(text, str):
-        stripped = text.strip(" \t")
+        stripped = text.strip()
         if len(stripped) > 64 or not _DECIMAL_TEXT.fullmatch(stripped):
             raise MoneyError(f"{field}: {text[:70]!r} is not a decimal number: write a plain decimal (digits "
                              "0-9, an optional sign and decimal point)")
