@@ -183,6 +183,15 @@ def _printable(value) -> bool:
     return isinstance(value, str) and value.isprintable()
 
 
+def _decline_row(conn: Connection, org_code: str, msgid: str):
+    """The ``settlement_declines`` row of (clinic, msgid), or None (also for a msgid no row can
+    hold: not printable text)."""
+    if not _printable(msgid):
+        return None
+    d = settlement_declines.c
+    return conn.execute(select(settlement_declines).where(d.fixmedins_code == org_code, d.msgid == msgid)).first()
+
+
 def _refusal_from(row) -> DomainError:
     """The refusal a ``settlement_declines`` row recorded, as the error to raise again."""
     cls = {"Rejected": Rejected, "Conflict": Conflict, "Invalid": Invalid, "NotFound": NotFound}.get(row.kind, Conflict)
@@ -518,12 +527,8 @@ class SettlementService:
         """The refusal recorded for this message (:meth:`_record_decline`), as the error to raise
         again; ``msgid_reused`` when the message id was declined for another request; None when
         none is recorded."""
-        if not _printable(visit.msgid):
-            return None
         with self.engine.connect() as conn:
-            row = conn.execute(select(settlement_declines).where(
-                settlement_declines.c.fixmedins_code == ctx.org_code,
-                settlement_declines.c.msgid == visit.msgid)).first()
+            row = _decline_row(conn, ctx.org_code, visit.msgid)
         if row is None:
             return None
         if row.request_hash != visit.request_hash:
@@ -793,11 +798,7 @@ class SettlementService:
         that message produced. Raises NotFound when that message never settled anything."""
         with self.engine.connect() as conn:
             row = self._existing(conn, fixmedins_code=ctx.org_code, msgid=msgid)
-            declined = None
-            if row is None and _printable(msgid):
-                declined = conn.execute(select(settlement_declines).where(
-                    settlement_declines.c.fixmedins_code == ctx.org_code,
-                    settlement_declines.c.msgid == msgid)).first()
+            declined = _decline_row(conn, ctx.org_code, msgid) if row is None else None
         if row is None:
             if declined is not None:  # it settled nothing: it was refused, and this is why
                 raise _refusal_from(declined)
