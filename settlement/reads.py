@@ -22,7 +22,7 @@ from sqlalchemy import Engine, and_, bindparam, exists, or_, select
 from card.schema import cards, citizens
 from ledger.db import is_sqlite
 from ledger.model import AccountKind, Balance
-from settlement.schema import settlement_declines, settlements
+from settlement.schema import card_declines, settlements
 
 #: digits only, as ISO/IEC 7812 PANs are; anything else is not looked up here (the card
 #: service then reports it)
@@ -72,7 +72,7 @@ PREPARE {_STATEMENT} (text, text, text, text, text[], bigint, text) AS
 SELECT json_build_array(
   EXISTS (SELECT 1 FROM settlements s WHERE s.entry_key = $2)
   OR EXISTS (SELECT 1 FROM settlements s WHERE s.fixmedins_code = $1 AND s.msgid = $3)
-  OR EXISTS (SELECT 1 FROM settlement_declines d WHERE d.fixmedins_code = $1 AND d.msgid = $3),
+  OR EXISTS (SELECT 1 FROM card_declines d WHERE d.org_code = $1 AND d.msgid = $3),
   (SELECT json_build_array(c.insutype, c.retired) FROM citizens c WHERE c.psn_no = $4),
   (SELECT json_agg(json_build_array(
       a.name, a.kind,
@@ -133,11 +133,11 @@ def _load_sqlite(engine: Engine, org_code: str, entry_key: str, msgid: str, psn_
     from ledger.store import Ledger
 
     s = settlements.c
-    d = settlement_declines.c
+    d = card_declines.c
     taken_q = select(or_(
         exists().where(or_(s.entry_key == bindparam("entry_key"),
                            and_(s.fixmedins_code == bindparam("org"), s.msgid == bindparam("msgid")))),
-        exists().where(d.fixmedins_code == bindparam("org"), d.msgid == bindparam("msgid"))))
+        exists().where(d.org_code == bindparam("org"), d.msgid == bindparam("msgid"))))
     with engine.connect() as conn:
         taken = bool(conn.execute(taken_q, {"org": org_code, "entry_key": entry_key, "msgid": msgid}).scalar())
         row = conn.execute(select(citizens.c.insutype, citizens.c.retired)

@@ -80,12 +80,13 @@ recharges = Table(
 )
 Index("ix_recharges_day", recharges.c.business_date)
 
-#: A card settlement refused after the card authorised it (declined for funds, say): its
-#: counter was spent with the refusal, so a resend of the same message gets the same answer
-#: (and a query by msgid learns it) instead of ``atc_replayed`` (revision 0005).
-settlement_declines = Table(
-    "settlement_declines", metadata,
-    Column("fixmedins_code", String(32), primary_key=True),
+#: A card (or QR) settlement or merchant payment refused after the card authorised it
+#: (declined for funds, say): its counter was spent with the refusal, so a resend of the same
+#: message gets the same answer (and a query by msgid learns it) instead of ``atc_replayed``
+#: (revision 0005; :mod:`settlement.declines`).
+card_declines = Table(
+    "card_declines", metadata,
+    Column("org_code", String(32), primary_key=True),  # the clinic or merchant
     Column("msgid", String(40), primary_key=True),
     Column("request_hash", String(64), nullable=False),
     Column("pan", String(19), nullable=False),

@@ -57,7 +57,8 @@ from settlement.catalogue import Catalogue
 from settlement.days import BusinessDays, DayOpen, book_on_open_day, is_day_closed
 from settlement.policy import INPATIENT_MED_TYPES, PolicyBook, PolicyNotFound
 from settlement.reads import SettleContext, load_context, usable_pan
-from settlement.schema import settlement_declines, settlements
+from settlement import declines
+from settlement.schema import settlements
 from settlement.split import (BillLine, PersonState, SplitInputError, parse_bill_lines, partial_refund,
                               split_visit)
 
@@ -177,28 +178,6 @@ def refuse_refund_that_charges_more(original: dict, new) -> None:
                        f"patient {max(cash, own)} fen more than the whole bill did"
                        f"{' in cash or from the card' if cash > 0 else ' from the personal account'}; cancel the "
                        "settlement and settle the remaining lines anew")
-
-
-def _printable(value) -> bool:
-    return isinstance(value, str) and value.isprintable()
-
-
-def _decline_row(conn: Connection, org_code: str, msgid: str):
-    """The ``settlement_declines`` row of (clinic, msgid), or None (also for a msgid no row can
-    hold: not printable text)."""
-    if not _printable(msgid):
-        return None
-    d = settlement_declines.c
-    return conn.execute(select(settlement_declines).where(d.fixmedins_code == org_code, d.msgid == msgid)).first()
-
-
-def _refusal_from(row) -> DomainError:
-    """The refusal a ``settlement_declines`` row recorded, as the error to raise again."""
-    cls = {"Rejected": Rejected, "Conflict": Conflict, "Invalid": Invalid, "NotFound": NotFound}.get(row.kind, Conflict)
-    extra = json.loads(row.extra)
-    if cls is Rejected:
-        return Rejected(row.code, row.detail, status=row.status, **extra)
-    return cls(row.code, row.detail, **extra)
 
 
 def undo_key(setl_id: str) -> str:
@@ -507,33 +486,14 @@ class SettlementService:
 
     def _record_decline(self, ctx: TerminalContext, visit: Visit, auth, exc: DomainError) -> None:
         """Spend the card counter of a settlement refused after the card authorised it, and
-        record the refusal in the same transaction (``settlement_declines``), so that a resend
-        of this message answers the same refusal (:meth:`_declined`) instead of ``atc_replayed``.
-        A counter a concurrent copy already spent, or a refusal it already recorded, is left as
-        it is; a failing database is logged (the caller's own refusal is the one reported)."""
-        row = dict(fixmedins_code=ctx.org_code, msgid=visit.msgid, request_hash=visit.request_hash, pan=auth.pan,
-                   atc=auth.atc, kind=type(exc).__name__, code=exc.code, status=getattr(exc, "status", 409),
-                   detail=exc.detail, extra=json.dumps(exc.extra, default=str), created_ts=self.clock_us())
-        try:
-            self.ledger.run_hooks([self.cards.counter_hook(auth), InsertRows(settlement_declines, [row])])
-        except HookRefused:
-            pass  # the counter was spent meanwhile (by a copy of this request, which answered)
-        except Exception as err:
-            if not is_unique_violation(err):
-                log.warning("card %s: the declined settlement %s could not be recorded", auth.pan, visit.msgid,
-                            exc_info=True)
+        record the refusal in the same transaction (:mod:`settlement.declines`), so that a
+        resend of this message answers the same refusal instead of ``atc_replayed``."""
+        declines.record(self.ledger, org_code=ctx.org_code, msgid=visit.msgid, request_hash=visit.request_hash,
+                        auth=auth, refusal=exc, now_us=self.clock_us(), hooks=(self.cards.counter_hook(auth),))
 
     def _declined(self, ctx: TerminalContext, visit: Visit) -> DomainError | None:
-        """The refusal recorded for this message (:meth:`_record_decline`), as the error to raise
-        again; ``msgid_reused`` when the message id was declined for another request; None when
-        none is recorded."""
-        with self.engine.connect() as conn:
-            row = _decline_row(conn, ctx.org_code, visit.msgid)
-        if row is None:
-            return None
-        if row.request_hash != visit.request_hash:
-            return Conflict("msgid_reused", f"msgid {visit.msgid} was used for another request")
-        return _refusal_from(row)
+        """The refusal recorded for this message (see :mod:`settlement.declines`)."""
+        return declines.declined(self.engine, ctx.org_code, visit.msgid, visit.request_hash)
 
     def _settle(self, ctx: TerminalContext, visit: Visit, unspent: list) -> dict:
         method = visit.payment["method"]
@@ -798,10 +758,10 @@ class SettlementService:
         that message produced. Raises NotFound when that message never settled anything."""
         with self.engine.connect() as conn:
             row = self._existing(conn, fixmedins_code=ctx.org_code, msgid=msgid)
-            declined = _decline_row(conn, ctx.org_code, msgid) if row is None else None
+            declined = declines.find(conn, ctx.org_code, msgid) if row is None else None
         if row is None:
             if declined is not None:  # it settled nothing: it was refused, and this is why
-                raise _refusal_from(declined)
+                raise declines.refusal_from(declined)
             raise NotFound("settlement_not_found", f"no settlement for msgid {msgid}")
         return self._document(row, replayed=True)
 

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from sqlalchemy import Engine, insert, select
 
 from card.service import CardService
-from ledger.errors import Conflict, Invalid, NotFound, Rejected
+from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
 from ledger.model import EntryOutcome, EntryResult, EntrySpec, TransferResult, TransferSpec
 from ledger.money import AMOUNT_FEN_MAX
 from ledger.store import InsertRows
-from settlement import chart
+from settlement import chart, declines
 from settlement.days import BusinessDays, DayOpen, book_on_open_day
 from settlement.schema import payments, recharges
 from settlement.service import (AccountCache, TerminalContext, await_replay, derived_id, fingerprint,
@@ -122,6 +122,10 @@ class WalletService:
         replay = self._replay(payments, ctx.org_code, msgid, request_hash)
         if replay is not None:
             return replay
+        refused = declines.declined(self.engine, ctx.org_code, msgid, request_hash,
+                                    reused="exists_with_different_content")
+        if refused is not None:  # this very request was refused after the card authorised it
+            raise refused
         if not isinstance(ident, str):
             raise Invalid("field_invalid", "payment: card data missing", field="payment")
         try:
@@ -134,6 +138,10 @@ class WalletService:
                 replay = await_replay(lambda: self._replay(payments, ctx.org_code, msgid, request_hash))
                 if replay is not None:
                     return replay
+                refused = declines.declined(self.engine, ctx.org_code, msgid, request_hash,
+                                            reused="exists_with_different_content")
+                if refused is not None:  # a copy of this request was refused meanwhile
+                    raise refused from None
             raise
         key = f"pay:{ctx.org_code}:{msgid}"
         payable = chart.merchant_payable(ctx.org_code)
@@ -149,7 +157,12 @@ class WalletService:
             outcome = self.submit(entry, (DayOpen(business_date), InsertRows(payments, [row])))
             return self._finish(outcome, payments, msgid, request_hash, row)
 
-        doc = book_on_open_day(self.days, book)
+        try:
+            doc = book_on_open_day(self.days, book)
+        except DomainError as exc:  # refused after the card authorised it (and spent its counter or code)
+            declines.record(self.accounts.ledger, org_code=ctx.org_code, msgid=msgid, request_hash=request_hash, auth=auth,
+                            refusal=exc, now_us=self.clock_us())
+            raise
         doc["arpc"] = auth.arpc_hex
         return doc
 

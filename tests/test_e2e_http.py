@@ -500,3 +500,25 @@ def test_a_database_lost_while_checking_the_signature_is_a_signed_503(eng, monke
     assert (caught.value.status, caught.value.code) == (503, "database_unavailable")
     monkeypatch.undo()
     assert ledger_snapshot(eng) == snap
+
+
+def test_a_declined_merchant_payment_sent_again_answers_its_decline(eng):
+    """A card payment the card authorised but the wallet could not pay: the same message sent
+    again (its answer was lost) answers the same 402, not atc_replayed; the same msgid for
+    another amount is a conflict; nothing moved."""
+    from terminals.client import EngineError
+
+    eng.channel.recharge("TH000001R0075", eng.card.pan, 500)
+    payment = eng.card_payment(900, "TM000001")
+    snap = ledger_snapshot(eng)
+    with pytest.raises(EngineError) as first:
+        eng.merchant.pay("TM000001P0075", 900, payment)
+    assert (first.value.status, first.value.code) == (402, "insufficient_funds")
+    with pytest.raises(EngineError) as again:
+        eng.merchant.pay("TM000001P0075", 900, payment)
+    assert (again.value.status, again.value.code) == (402, "insufficient_funds")
+    with pytest.raises(EngineError) as other:
+        eng.merchant.pay("TM000001P0075", 100, eng.card_payment(100, "TM000001"))
+    assert other.value.status == 409
+    moved = {k: v for k, v in ledger_snapshot(eng).items() if v != (0, 0, 0, 0)}
+    assert moved == {k: v for k, v in snap.items() if v != (0, 0, 0, 0)}  # accounts opened, nothing moved

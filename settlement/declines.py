@@ -1,0 +1,78 @@
+"""Refusals of card-authorised requests, kept so that a resend answers the same (revision 0005).
+
+A card settlement or merchant payment that the card authorised and the engine then refused
+(the wallet cannot pay, the amount due changed, …) has spent the card's counter (ATC) — as on a
+real card — or its single-use QR code. Without a record, the terminal that lost the answer and
+sends the same message again would be told ``atc_replayed`` / ``qr_code_already_used``: true,
+but not what happened. :func:`record` keeps the refusal by (organisation, msgid) with the
+request's fingerprint; :func:`declined` gives it back for the same request (and a conflict for
+another request under that msgid); :func:`find` serves the query by msgid (NHSA 5203).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+from sqlalchemy import Connection, Engine, select
+
+from ledger.db import HookRefused, is_unique_violation
+from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
+from ledger.store import InsertRows, Ledger
+from settlement.schema import card_declines
+
+log = logging.getLogger(__name__)
+_KINDS = {"Rejected": Rejected, "Conflict": Conflict, "Invalid": Invalid, "NotFound": NotFound}
+
+
+def record(ledger: Ledger, *, org_code: str, msgid: str, request_hash: str, auth, refusal: DomainError,
+           now_us: int, hooks: Sequence = ()) -> None:
+    """Record ``refusal`` of the request (``msgid``, fingerprint ``request_hash``) that card
+    authorisation ``auth`` (pan, atc) paid for, in one transaction with ``hooks`` (e.g. the
+    card's counter advance, when it is not spent yet). A counter a concurrent copy already
+    spent (a hook refused), or a refusal it already recorded, is left as it is; a failing
+    database is logged — the caller's own refusal is the one reported."""
+    row = dict(org_code=org_code, msgid=msgid, request_hash=request_hash, pan=auth.pan, atc=int(auth.atc or 0),
+               kind=type(refusal).__name__, code=refusal.code, status=int(getattr(refusal, "status", 409)),
+               detail=refusal.detail, extra=json.dumps(refusal.extra, default=str), created_ts=now_us)
+    try:
+        ledger.run_hooks([*hooks, InsertRows(card_declines, [row])])
+    except HookRefused:
+        pass  # the counter was spent meanwhile (by a copy of this request, which answered)
+    except Exception as err:
+        if not is_unique_violation(err):
+            log.warning("card %s: the refusal of %s/%s could not be recorded", auth.pan, org_code, msgid,
+                        exc_info=True)
+
+
+def find(conn: Connection, org_code: str, msgid: str):
+    """The recorded refusal row of (organisation, msgid), or None (also for a msgid no row can
+    hold: not printable text)."""
+    if not (isinstance(msgid, str) and msgid.isprintable()):
+        return None
+    d = card_declines.c
+    return conn.execute(select(card_declines).where(d.org_code == org_code, d.msgid == msgid)).first()
+
+
+def refusal_from(row) -> DomainError:
+    """The refusal a :data:`card_declines` row recorded, as the error to raise again."""
+    cls = _KINDS.get(row.kind, Conflict)
+    extra = json.loads(row.extra)
+    if cls is Rejected:
+        return Rejected(row.code, row.detail, status=row.status, **extra)
+    return cls(row.code, row.detail, **extra)
+
+
+def declined(engine: Engine, org_code: str, msgid: str, request_hash: str, *,
+             reused: str = "msgid_reused") -> DomainError | None:
+    """The refusal recorded for this very request (same msgid and fingerprint) as the error to
+    raise again; Conflict ``reused`` when the msgid was declined for another request; None
+    when nothing is recorded."""
+    with engine.connect() as conn:
+        row = find(conn, org_code, msgid)
+    if row is None:
+        return None
+    if row.request_hash != request_hash:
+        return Conflict(reused, f"msgid {msgid} was used for another request")
+    return refusal_from(row)
