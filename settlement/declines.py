@@ -24,26 +24,38 @@ from settlement.schema import card_declines
 
 log = logging.getLogger(__name__)
 _KINDS = {"Rejected": Rejected, "Conflict": Conflict, "Invalid": Invalid, "NotFound": NotFound}
+#: Refusals that are not this request's answer to keep: the msgid or visit belongs to another
+#: request (that one's answer stands).
+NOT_RECORDED = frozenset({"msgid_reused", "exists_with_different_content"})
+#: What :func:`record` did.
+RECORDED, COUNTER_USED, SKIPPED, FAILED = "recorded", "counter_used", "skipped", "failed"
 
 
 def record(ledger: Ledger, *, org_code: str, msgid: str, request_hash: str, auth, refusal: DomainError,
-           now_us: int, hooks: Sequence = ()) -> None:
+           now_us: int, hooks: Sequence = ()) -> str:
     """Record ``refusal`` of the request (``msgid``, fingerprint ``request_hash``) that card
     authorisation ``auth`` (pan, atc) paid for, in one transaction with ``hooks`` (e.g. the
-    card's counter advance, when it is not spent yet). A counter a concurrent copy already
-    spent (a hook refused), or a refusal it already recorded, is left as it is; a failing
-    database is logged — the caller's own refusal is the one reported."""
+    card's counter advance, when it is not spent yet). Returns :data:`RECORDED` (also when a
+    concurrent copy recorded it first); :data:`COUNTER_USED` when a hook refused — a copy of
+    this request used the counter first, and its answer (a settlement, maybe) is the one to
+    give; :data:`SKIPPED` for a refusal that is not this request's to keep (:data:`NOT_RECORDED`,
+    or a transient 5xx); :data:`FAILED` when the database failed (logged; nothing written, the
+    hooks' work neither)."""
+    if refusal.code in NOT_RECORDED or int(getattr(refusal, "status", 409)) >= 500:
+        return SKIPPED
     row = dict(org_code=org_code, msgid=msgid, request_hash=request_hash, pan=auth.pan, atc=int(auth.atc or 0),
                kind=type(refusal).__name__, code=refusal.code, status=int(getattr(refusal, "status", 409)),
                detail=refusal.detail, extra=json.dumps(refusal.extra, default=str), created_ts=now_us)
     try:
         ledger.run_hooks([*hooks, InsertRows(card_declines, [row])])
     except HookRefused:
-        pass  # the counter was spent meanwhile (by a copy of this request, which answered)
+        return COUNTER_USED
     except Exception as err:
-        if not is_unique_violation(err):
-            log.warning("card %s: the refusal of %s/%s could not be recorded", auth.pan, org_code, msgid,
-                        exc_info=True)
+        if is_unique_violation(err):
+            return RECORDED
+        log.warning("card %s: the refusal of %s/%s could not be recorded", auth.pan, org_code, msgid, exc_info=True)
+        return FAILED
+    return RECORDED
 
 
 def find(conn: Connection, org_code: str, msgid: str):

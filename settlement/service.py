@@ -474,28 +474,42 @@ class SettlementService:
         counter is spent either way, as on a real card."""
         visit = self.parse_visit(req)
         unspent: list = []  # a card authorisation whose counter is not accepted yet
+        authorised: list = []  # the card or QR authorisation this settlement was paid with
         try:
-            return self._settle(ctx, visit, unspent)
+            return self._settle(ctx, visit, unspent, authorised)
         except DomainError as exc:
-            if unspent:  # the card authorised it, then it was refused: spend the counter with the refusal
-                self._record_decline(ctx, visit, unspent.pop(), exc)
+            auth = authorised[-1] if authorised else None
+            if auth is None or (auth.method == "card" and auth not in unspent):
+                raise  # nothing authorised, or the counter was never this request's to spend
+            # The card authorised it, then it was refused: spend the counter (a QR code is spent
+            # already) with the refusal recorded, so that a resend answers the same.
+            hooks = (self.cards.counter_hook(auth),) if auth in unspent else ()
+            if auth in unspent:
+                unspent.remove(auth)
+            recorded = declines.record(self.ledger, org_code=ctx.org_code, msgid=visit.msgid,
+                                       request_hash=visit.request_hash, auth=auth, refusal=exc,
+                                       now_us=self.clock_us(), hooks=hooks)
+            if recorded == declines.COUNTER_USED:
+                # A copy of this request used the counter first, committing its answer with it
+                # (its settlement, or its own recorded refusal): that answer is this one's.
+                declined = self._declined(ctx, visit)
+                if declined is not None:
+                    raise declined from None
+                replay = self._replay_or_conflict(ctx, visit)
+                if replay is not None:
+                    return replay
+            elif recorded == declines.FAILED and hooks:
+                unspent.append(auth)  # spent on its own below, as before declines were recorded
             raise
         finally:
             for auth in unspent:
                 self.cards.consume(auth)
 
-    def _record_decline(self, ctx: TerminalContext, visit: Visit, auth, exc: DomainError) -> None:
-        """Spend the card counter of a settlement refused after the card authorised it, and
-        record the refusal in the same transaction (:mod:`settlement.declines`), so that a
-        resend of this message answers the same refusal instead of ``atc_replayed``."""
-        declines.record(self.ledger, org_code=ctx.org_code, msgid=visit.msgid, request_hash=visit.request_hash,
-                        auth=auth, refusal=exc, now_us=self.clock_us(), hooks=(self.cards.counter_hook(auth),))
-
     def _declined(self, ctx: TerminalContext, visit: Visit) -> DomainError | None:
         """The refusal recorded for this message (see :mod:`settlement.declines`)."""
         return declines.declined(self.engine, ctx.org_code, visit.msgid, visit.request_hash)
 
-    def _settle(self, ctx: TerminalContext, visit: Visit, unspent: list) -> dict:
+    def _settle(self, ctx: TerminalContext, visit: Visit, unspent: list, authorised: list) -> dict:
         method = visit.payment["method"]
         year = self.insu_year()
         sc = self._context(ctx, visit, year, usable_pan(visit.payment.get("pan")) if method == "card" else None)
@@ -550,6 +564,7 @@ class SettlementService:
                         return replay
                     raise
                 authorised_fen = wallet_pay
+                authorised.append(auth)
                 if auth.method == "card":
                     unspent.append(auth)
                 if auth.psn_no != citizen.psn_no:

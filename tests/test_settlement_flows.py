@@ -28,6 +28,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy import select
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -481,6 +482,74 @@ def test_a_declined_card_settlement_resent_or_queried_answers_its_decline(world,
         world.svc.settle(CLINIC, dict(world.visit(p, world.bill(("C", "45.80", "1")), method="card"),
                                       payment=v["payment"]))
     assert replayed.value.code == "atc_replayed"
+
+
+def test_a_declining_copy_that_lost_the_race_to_a_settling_copy_answers_the_settlement(world, monkeypatch):
+    """Copy A of a card settlement is refused for funds; before A records its refusal, the
+    wallet is recharged and copy B of the same message settles, spending the counter. A must
+    answer B's settlement (the message settled), not its own 402; no refusal is recorded."""
+    import settlement.service
+    from settlement import declines
+    from settlement.schema import card_declines
+
+    p = world.add_person(personal_fen=0, wallet_fen=1_000)
+    v = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
+    due = world.svc.presettle(CLINIC, v)["setlinfo"]["psn_cash_pay"]
+    v["payment"] = world.card_payment(p, due)
+    real_record = declines.record
+    copy_b = {}
+
+    def b_settles_first(*args, **kwargs):
+        if not copy_b:
+            copy_b["doc"] = None
+            world.recharge(p, 100_000)
+            copy_b["doc"] = world.svc.settle(CLINIC, dict(v))
+        return real_record(*args, **kwargs)
+
+    monkeypatch.setattr(settlement.service.declines, "record", b_settles_first)
+    a = world.svc.settle(CLINIC, dict(v))
+    assert copy_b["doc"]["replayed"] is False and a["setl_id"] == copy_b["doc"]["setl_id"] and a["replayed"]
+    assert world.svc.query_by_msgid(CLINIC, v["msgid"])["status"] == "settled"
+    with world.c.engine.connect() as conn:
+        assert conn.execute(select(card_declines)).all() == []
+
+
+def test_a_declined_qr_settlement_resent_or_queried_answers_its_decline(world, monkeypatch):
+    """A QR code is spent when it authorises; a QR settlement then refused for funds records the
+    refusal too: the resend and the query answer it (not qr_code_already_used / not found)."""
+    from simulators.cards import VirtualCardApp
+
+    p = world.add_person(personal_fen=0, wallet_fen=1_000)
+    app = VirtualCardApp(issuer_mk=world.c.keys.issuer_mk, pan=p.pan, psn="01", atc=500)
+    v = world.visit(p, world.bill(("C", "45.80", "1")), method="qr")
+    v["payment"] = {"method": "qr", "payload": app.make_qr(world.clock() // 1_000_000, random.Random(1))}
+    with pytest.raises(Rejected) as first:
+        world.svc.settle(CLINIC, dict(v))
+    assert (first.value.code, first.value.status) == ("insufficient_funds", 402)
+    with pytest.raises(Rejected) as again:
+        world.svc.settle(CLINIC, dict(v))
+    assert again.value.code == "insufficient_funds"
+    with pytest.raises(Rejected) as queried:
+        world.svc.query_by_msgid(CLINIC, v["msgid"])
+    assert queried.value.code == "insufficient_funds"
+
+
+def test_a_conflict_over_whose_msgid_it_is_is_not_recorded_as_a_decline(world):
+    """``msgid_reused`` / ``exists_with_different_content`` belong to another request's answer:
+    never recorded as this msgid's refusal (nor a transient 5xx)."""
+    from ledger.errors import DomainError
+    from settlement import declines
+
+    class Unavailable(DomainError):
+        status = 503
+
+    p = world.add_person(personal_fen=0, wallet_fen=1_000)
+    auth = type("Auth", (), {"pan": p.pan, "atc": 7})()
+    for refusal in (Conflict("msgid_reused", "x"), Conflict("exists_with_different_content", "x"),
+                    Unavailable("database_unavailable", "x")):
+        assert declines.record(world.c.ledger, org_code=CLINIC.org_code, msgid="M-OWN", request_hash="h",
+                               auth=auth, refusal=refusal, now_us=world.clock()) == declines.SKIPPED
+    assert declines.declined(world.c.engine, CLINIC.org_code, "M-OWN", "h") is None
 
 
 def test_a_card_cryptogram_replayed_for_another_visit_is_refused(world, monkeypatch):
