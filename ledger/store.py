@@ -219,10 +219,7 @@ class Ledger:
         Raises :class:`ledger.db.HookRefused` when a hook refuses, the driver's unique violation
         (see :func:`ledger.db.is_unique_violation`) when a row exists; retryable failures are
         retried (same inputs); nothing is written when it raises."""
-        groups: dict = {}
-        for leaf in hooks:
-            groups.setdefault((type(leaf), leaf.merge_key), []).append(leaf)
-        merged = list(groups.values())
+        merged = _merged(hooks)
         if self._sqlite:
             def work(conn: Connection) -> None:
                 for group in merged:
@@ -232,10 +229,7 @@ class Ledger:
             return
 
         def work_pg(raw, _conn, begin: str) -> None:
-            for group in merged:
-                if type(group[0]).pg_prepared:
-                    ensure_prepared(raw, self._store.session_info(), type(group[0]).pg_prepared)
-            sql = "".join(type(group[0]).pg_sql(group) for group in merged)
+            sql = _merged_sql(merged, raw, self._store.session_info())
             try:
                 pg_execute(raw, f"{begin}{sql}COMMIT")
             except Exception as exc:
@@ -876,27 +870,34 @@ def _new(r) -> bool:
     return type(r) is tuple and r[0] == "new"
 
 
-def _batched_groups(hooks, plan) -> list[list]:
-    """The :class:`BatchedHook` leaves of the newly posted entries, grouped by (class,
-    merge_key), groups in order of first appearance."""
+def _merged(leaves) -> list[list]:
+    """:class:`BatchedHook` leaves grouped by (class, merge_key), groups in order of first
+    appearance: each group is one piece of work."""
     groups: dict = {}
-    for hook, r in zip(hooks, plan.results):
-        if hook is not None and _new(r):
-            for leaf in _leaves(hook):
-                if isinstance(leaf, BatchedHook):
-                    groups.setdefault((type(leaf), leaf.merge_key), []).append(leaf)
+    for leaf in leaves:
+        groups.setdefault((type(leaf), leaf.merge_key), []).append(leaf)
     return list(groups.values())
 
 
-def _batched_sql(hooks, plan, raw, info: dict) -> str:
-    """The merged :class:`BatchedHook` work of a batch as PostgreSQL statements, to send in the
-    batch's write message; empty when there is none. Prepares on ``raw`` (once per session,
-    remembered in ``info``) the statements the hooks' classes declare in ``pg_prepared``."""
-    groups = _batched_groups(hooks, plan)
+def _batched_groups(hooks, plan) -> list[list]:
+    """The :class:`BatchedHook` leaves of the newly posted entries, merged (:func:`_merged`)."""
+    return _merged(leaf for hook, r in zip(hooks, plan.results) if hook is not None and _new(r)
+                   for leaf in _leaves(hook) if isinstance(leaf, BatchedHook))
+
+
+def _merged_sql(groups: list[list], raw, info: dict) -> str:
+    """Merged :class:`BatchedHook` work as PostgreSQL statements (empty when there is none).
+    Prepares on ``raw`` (once per session, remembered in ``info``) the statements the hooks'
+    classes declare in ``pg_prepared``."""
     for group in groups:
         if type(group[0]).pg_prepared:
             ensure_prepared(raw, info, type(group[0]).pg_prepared)
     return "".join(type(group[0]).pg_sql(group) for group in groups)
+
+
+def _batched_sql(hooks, plan, raw, info: dict) -> str:
+    """The merged :class:`BatchedHook` work of a batch, to send in the batch's write message."""
+    return _merged_sql(_batched_groups(hooks, plan), raw, info)
 
 
 def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -52,17 +51,15 @@ from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
 from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryResult, EntrySpec,
                           TransferResult, TransferSpec)
 from ledger.store import InsertRows, Ledger
-from settlement import chart
+from settlement import chart, declines
 from settlement.catalogue import Catalogue
 from settlement.days import BusinessDays, DayOpen, book_on_open_day, is_day_closed
 from settlement.policy import INPATIENT_MED_TYPES, PolicyBook, PolicyNotFound
 from settlement.reads import SettleContext, load_context, usable_pan
-from settlement import declines
 from settlement.schema import settlements
 from settlement.split import (BillLine, PersonState, SplitInputError, parse_bill_lines, partial_refund,
                               split_visit)
 
-log = logging.getLogger(__name__)
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 ATTEMPTS_MAX = 6
 ID_CHARS_MAX = 40
@@ -483,9 +480,10 @@ class SettlementService:
                 raise  # nothing authorised, or the counter was never this request's to spend
             # The card authorised it, then it was refused: spend the counter (a QR code is spent
             # already) with the refusal recorded, so that a resend answers the same.
-            hooks = (self.cards.counter_hook(auth),) if auth in unspent else ()
-            if auth in unspent:
+            spend = auth in unspent  # a card's counter, not accepted yet
+            if spend:
                 unspent.remove(auth)
+            hooks = (self.cards.counter_hook(auth),) if spend else ()
             recorded = declines.record(self.ledger, org_code=ctx.org_code, msgid=visit.msgid,
                                        request_hash=visit.request_hash, auth=auth, refusal=exc,
                                        now_us=self.clock_us(), hooks=hooks)
@@ -730,9 +728,8 @@ class SettlementService:
         message on PostgreSQL). Returns False when a concurrent duplicate inserted them first;
         raises :class:`HookRefused` (``business_day_closed``) when the day is no longer open
         (nothing is written)."""
-        days = sorted({r["business_date"] for r in rows})
         try:
-            self.ledger.run_hooks([*(DayOpen(d) for d in days), InsertRows(settlements, rows)])
+            self.ledger.run_hooks([*(DayOpen(r["business_date"]) for r in rows), InsertRows(settlements, rows)])
         except Exception as exc:
             if is_unique_violation(exc):
                 return False
