@@ -1,4 +1,4 @@
-"""EMV application cryptograms with Common Session Key derivation (EMV 4.3 Book 2), via ``pyemv``.
+"""EMV application cryptograms with Common Session Key derivation (EMV 4.3 Book 2).
 
 Key hierarchy (all keys double-length TDES, 16 bytes, odd parity):
 
@@ -29,11 +29,14 @@ Decisions
   :data:`ATC_JUMP_MAX` is refused too (a card cannot plausibly have done that many transactions
   the host never saw, and the bound stops an attacker from burning the 16-bit counter).
 
-``pyemv`` uses ``cryptography``'s deprecated ``TripleDES`` location with two-key (16-byte) and
-single-key (8-byte) keys; those TripleDES ``CryptographyDeprecationWarning`` messages are
-silenced around our pyemv calls, nothing else (``warnings.catch_warnings`` is process-global in
-Python 3.11: concurrent threads may briefly see the extra ignore filter, which only ever matches
-these TripleDES messages).
+The block cipher is ``cryptography``'s TDES (``hazmat.decrepit``), always with a three-key
+(24-byte) schedule: a double-length key ``K1 K2`` runs as ``K1 K2 K1`` and single DES as
+``K K K``, which are the same permutations. The EMV constructions on top of it (the key
+derivations, ISO/IEC 9797-1 MAC algorithm 3, ARPC method 1, key parity) are ours; the test
+suite checks them against ``pyemv`` and its published vectors. (We used to call ``pyemv``
+itself, which reaches the deprecated two-key and single-key TDES and needs its warnings
+silenced, and ``warnings.catch_warnings`` is process-global: under concurrent threads the
+deprecation messages leaked and the filter list could be left changed. No warning is raised now.)
 """
 
 from __future__ import annotations
@@ -41,17 +44,12 @@ from __future__ import annotations
 import functools
 import hmac
 import re
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
-from typing import Iterator
 
-from cryptography.utils import CryptographyDeprecationWarning
-from pyemv import ac as _ac
-from pyemv import kd as _kd
-from pyemv import tools as _tools
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 from ledger.money import MoneyError, check_amount
 
@@ -108,10 +106,6 @@ DEFAULT_AIP = bytes.fromhex("1C00")
 #: Length of the GENERATE AC command data of our cards (see :meth:`TransactionData.cdol1`).
 CDOL1_LENGTH = 6 + 2 + 3 + 4 + 8
 
-#: The TripleDES deprecations ``cryptography`` raises inside pyemv: the algorithm moved to
-#: ``hazmat.decrepit``; two-key (16-byte, as EMV uses) and single-key (8-byte, inside the
-#: ISO 9797-1 algorithm 3 MAC) keys are deprecated.
-_TDES_WARNING = r"(TripleDES has been moved|Two-key TripleDES|Single-key TripleDES)"
 _TERMINAL_ID = re.compile(r"[\x20-\x7e]{8}")
 _NUMERIC4 = re.compile(r"[0-9]{4}")
 
@@ -131,13 +125,37 @@ class CryptogramResult(StrEnum):
     CODE_NOT_YET_VALID = "code_not_yet_valid"
 
 
-@contextmanager
-def _quiet_tdes() -> Iterator[None]:
-    """Silence only cryptography's TripleDES deprecation warnings raised inside pyemv calls."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_TDES_WARNING,
-                                category=CryptographyDeprecationWarning)
-        yield
+_ECB = modes.ECB()
+_ZERO_BLOCK = bytes(8)
+#: byte -> the same byte with its low bit set so that it has an odd number of 1 bits (DES parity)
+_ODD_PARITY = bytes(b if bin(b).count("1") % 2 else b ^ 1 for b in range(256))
+
+
+def _tdes_ecb(key16: bytes, data: bytes) -> bytes:
+    """TDES-EDE encryption of whole 8-byte blocks under the double-length key ``K1 K2``."""
+    encryptor = Cipher(TripleDES(key16 + key16[:8]), _ECB).encryptor()
+    return encryptor.update(data)
+
+
+def _des_cbc_mac(key8: bytes, data: bytes) -> bytes:
+    """Single-DES CBC over whole blocks with a zero IV (as TDES ``K K K``): the last block."""
+    encryptor = Cipher(TripleDES(key8 * 3), modes.CBC(_ZERO_BLOCK)).encryptor()
+    return encryptor.update(data)[-8:]
+
+
+def _odd_parity(key: bytes) -> bytes:
+    """Each byte's low bit adjusted for odd parity, as DES keys are written."""
+    return key.translate(_ODD_PARITY)
+
+
+def _mac_iso9797_3(key16: bytes, data: bytes) -> bytes:
+    """ISO/IEC 9797-1 MAC algorithm 3 (retail MAC), padding method 2, 8 bytes (Book 2 A1.2.1):
+    DES-CBC under K1 over all blocks but the last, then TDES ``K1 K2 K1`` on the last block
+    XOR that chain (which is DES(K1) of it, then DES⁻¹(K2), then DES(K1))."""
+    padded = data + b"\x80" + bytes(-(len(data) + 1) % 8)
+    chain = _des_cbc_mac(key16[:8], padded[:-8]) if len(padded) > 8 else _ZERO_BLOCK
+    last = bytes(a ^ b for a, b in zip(padded[-8:], chain))
+    return _tdes_ecb(key16, last)
 
 
 def _bcd(digits: str) -> bytes:
@@ -288,9 +306,10 @@ class TransactionData:
 
 def key_check_value(key: bytes, length: int = 2) -> str:
     """Key check value: the first ``length`` bytes of TDES(key)[00*8], as upper-case hex."""
-    _check_key(key, "key")
-    with _quiet_tdes():
-        return _tools.key_check_digits(bytes(key), length).hex().upper()
+    key = _check_key(key, "key")
+    if not 1 <= length <= 8:
+        raise CryptogramError("a key check value is 1 to 8 bytes long")
+    return _tdes_ecb(key, _ZERO_BLOCK)[:length].hex().upper()
 
 
 def derive_icc_mk(issuer_mk: bytes, pan: str, psn: str | int = "00") -> bytes:
@@ -308,8 +327,10 @@ def _derive_icc_mk(issuer_mk: bytes, pan: str, psn: str) -> bytes:
     # Derived keys are kept (bounded, least recently used first out): the issuer key they
     # come from is in this process's memory anyway, and a card checks two cryptograms per
     # payment (ARQC in, ARPC out), each needing its MK_AC.
-    with _quiet_tdes():
-        return _kd.derive_icc_mk_a(issuer_mk, pan, psn)
+    # Option A (Book 2 A1.4.1): Y = the rightmost 16 digits of PAN || PSN (left-padded with
+    # zeros); MK_AC = TDES(MK_ISS)[Y] || TDES(MK_ISS)[Y xor FF*8], parity adjusted.
+    y = bytes.fromhex((pan + psn)[-16:].zfill(16))
+    return _odd_parity(_tdes_ecb(issuer_mk, y + bytes(b ^ 0xFF for b in y)))
 
 
 def session_key_r(atc: int) -> bytes:
@@ -321,8 +342,8 @@ def derive_session_key_from_r(icc_mk: bytes, r: bytes) -> bytes:
     """Common Session Key derivation (EMV Book 2 Annex A1.3.1) from an 8-byte ``r``; 16 bytes."""
     icc_mk = _check_key(icc_mk, "ICC master key")
     r = _check_bytes(r, 8, "diversification value R")
-    with _quiet_tdes():
-        return _kd.derive_common_sk(icc_mk, r)
+    # SK = TDES(MK)[R0 R1 F0 R3..R7] || TDES(MK)[R0 R1 0F R3..R7], parity adjusted.
+    return _odd_parity(_tdes_ecb(icc_mk, r[:2] + b"\xf0" + r[3:] + r[:2] + b"\x0f" + r[3:]))
 
 
 def derive_session_key(icc_mk: bytes, atc: int) -> bytes:
@@ -335,8 +356,7 @@ def compute_ac(session_key: bytes, data: bytes) -> bytes:
     session_key = _check_key(session_key, "session key")
     if not isinstance(data, (bytes, bytearray)):
         raise CryptogramError("AC data must be bytes")
-    with _quiet_tdes():
-        return _ac.generate_ac(session_key, bytes(data), _ac.PaddingType.EMV)
+    return _mac_iso9797_3(session_key, bytes(data))
 
 
 def compute_arpc(key: bytes, arqc: bytes, arc: bytes) -> bytes:
@@ -347,8 +367,7 @@ def compute_arpc(key: bytes, arqc: bytes, arc: bytes) -> bytes:
     key = _check_key(key, "ARPC key")
     arqc = _check_bytes(arqc, 8, "ARQC")
     arc = _check_bytes(arc, 2, "ARC")
-    with _quiet_tdes():
-        return _ac.generate_arpc_1(key, arqc, arc)
+    return _tdes_ecb(key, bytes(a ^ b for a, b in zip(arqc, arc + bytes(6))))
 
 
 def generate_arqc(icc_mk: bytes, data: TransactionData) -> bytes:

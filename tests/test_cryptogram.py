@@ -245,10 +245,50 @@ def test_no_tripledes_warnings_escape() -> None:
     assert caught == []
 
 
-def test_warning_filter_is_narrow() -> None:
+def test_no_warning_filter_is_touched_from_threads() -> None:
+    # pyemv needed its TDES deprecations silenced with warnings.catch_warnings, which is
+    # process-global: concurrent threads leaked the warnings and could leave the filter list
+    # changed. The constructions on cryptography's three-key TDES raise none at all.
+    import threading
+
+    before = list(warnings.filters)
+    icc_mk = cg.derive_icc_mk(ISS_MK, PAN, PSN)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with cg._quiet_tdes():
-            warnings.warn("something else entirely", CryptographyDeprecationWarning)
-            warnings.warn("TripleDES has been moved", UserWarning)
-    assert len(caught) == 2
+        threads = [threading.Thread(target=lambda: [cg.generate_arqc(icc_mk, sample(atc=n)) for n in range(200)])
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert caught == []
+    assert warnings.filters == before
+
+
+def _pyemv_quietly(fn, *args):
+    """The reference implementation, with its TDES deprecation warnings silenced (test only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        return fn(*args)
+
+
+_key16 = st.binary(min_size=16, max_size=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(issuer_mk=_key16, pan=st.from_regex(r"[0-9]{12,19}", fullmatch=True),
+       psn=st.integers(0, 99), r=st.binary(min_size=8, max_size=8), data=st.binary(max_size=80),
+       arc=st.binary(min_size=2, max_size=2))
+def test_constructions_equal_pyemv(issuer_mk, pan, psn, r, data, arc) -> None:
+    """Option A ICC MK, common session key, ISO 9797-1 MAC algorithm 3 (every padding length,
+    one block to many) and ARPC method 1 equal pyemv's for any keys and data."""
+    from pyemv import ac, kd, tools
+
+    icc_mk = cg.derive_icc_mk(issuer_mk, pan, psn)
+    assert icc_mk == _pyemv_quietly(kd.derive_icc_mk_a, issuer_mk, pan, f"{psn:02d}")
+    sk = cg.derive_session_key_from_r(icc_mk, r)
+    assert sk == _pyemv_quietly(kd.derive_common_sk, icc_mk, r)
+    assert cg.compute_ac(sk, data) == _pyemv_quietly(ac.generate_ac, sk, data, ac.PaddingType.EMV)
+    arqc = cg.compute_ac(sk, data)
+    assert cg.compute_arpc(icc_mk, arqc, arc) == _pyemv_quietly(ac.generate_arpc_1, icc_mk, arqc, arc)
+    assert cg.key_check_value(icc_mk, 3) == _pyemv_quietly(tools.key_check_digits, icc_mk, 3).hex().upper()
