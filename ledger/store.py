@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
 from sqlalchemy import Connection, Engine, insert, select, text
 
 from ledger import schema as s
@@ -826,7 +827,7 @@ class InsertRows(BatchedHook):
         self.rows = rows
         # Encoded here, in the caller's thread, not in the committer's (which is serial):
         # the elements of a JSON array, without the brackets.
-        self.doc = json.dumps(rows, default=_json_value, ensure_ascii=False, separators=(",", ":"))[1:-1]
+        self.doc = orjson.dumps(rows, default=_json_value, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS).decode()[1:-1]
 
     @property
     def merge_key(self):

@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 
+import orjson
 from psycopg import errors as pg_errors, generators, pq
 from sqlalchemy import Engine, event
 
@@ -73,7 +73,7 @@ _BEGIN_BARE = BEGIN_BARE = "BEGIN; SELECT pg_current_xact_id(); "
 _BEGIN = BEGIN_SHARED = "BEGIN; " + "".join(f"SET LOCAL {x}; " for x in _PLANNER) + _BEGIN_BARE[len("BEGIN; "):]
 _IDLE = PG_IDLE = pq.TransactionStatus.IDLE
 _FATAL = pq.ExecStatus.FATAL_ERROR
-_loads = json.loads
+_loads = orjson.loads  # bigint columns and sums of them: within 64 bits
 
 
 def _read_sql(full: bool, lock: bool = True) -> str:

@@ -14,9 +14,9 @@ ATC advances with a compare-and-set, and a taken key falls back to the full repl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+import orjson
 from sqlalchemy import Engine, and_, bindparam, exists, or_, select
 
 from card.schema import cards, citizens
@@ -113,7 +113,7 @@ def load_context(engine: Engine, *, org_code: str, entry_key: str, msgid: str, p
                       text_literal(msgid), text_literal(psn_no), text_array(account_names), str(int(now_us)),
                       "NULL" if pan is None else text_literal(pan)])
     res = run_prepared(engine, _STATEMENTS, f"EXECUTE {_STATEMENT}({args})")[-1]
-    taken, raw_citizen, raw_balances, raw_card = json.loads(res.get_value(0, 0).decode())
+    taken, raw_citizen, raw_balances, raw_card = orjson.loads(res.get_value(0, 0))
     citizen = None
     if raw_citizen is not None:
         insutype, retired = raw_citizen

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 from sqlalchemy import Connection, Engine, and_, bindparam, or_, select
 
 from card.service import CardService
@@ -716,8 +717,8 @@ class SettlementService:
                     med_type=visit.med_type, insu_year=year, business_date=business_date, pay_method=method,
                     pan=pan, medfee_sumamt=info.medfee_sumamt, fund_pay_sumamt=info.fund_pay_sumamt,
                     hifp_pay=info.hifp_pay, acct_pay=info.acct_pay, psn_cash_pay=info.psn_cash_pay,
-                    wallet_pay=wallet_pay, setlinfo=json.dumps(setlinfo),
-                    lines=json.dumps(lines), request_hash=visit.request_hash,
+                    wallet_pay=wallet_pay, setlinfo=orjson.dumps(setlinfo).decode(),
+                    lines=orjson.dumps(lines).decode(), request_hash=visit.request_hash,
                     entry_key=entry_key, kind=kind, original_setl_id=original, created_ts=self.clock_us(),
                     arpc=arpc)
 
