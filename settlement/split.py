@@ -96,11 +96,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, fields
-from decimal import Decimal, localcontext
+from decimal import ROUND_HALF_UP, Context, Decimal, localcontext
 from typing import Any, Mapping, Sequence
 
-from ledger.money import AMOUNT_FEN_MAX, MoneyError, mul_half_up, round_half_up, to_decimal
+from ledger.money import AMOUNT_FEN_MAX, MoneyError, mul_half_up, to_decimal
 
 from settlement.policy import Policy, PolicyError, policy_from_mapping
 
@@ -118,6 +119,12 @@ ADMISSIONS_YTD_MAX = 1000
 #: Precision of the decimal context used for money arithmetic: every product of the bounded
 #: inputs above is exact in it, so rounding happens only where the rules say so.
 _DECIMAL_PRECISION = 80
+#: That context, for the per-line arithmetic (its methods, rather than a ``localcontext`` per line)
+_EXACT = Context(prec=_DECIMAL_PRECISION)
+_ONE = Decimal(1)
+#: The common form of a price or quantity ("12.50", "3"): digits and an optional fraction, which
+#: :func:`ledger.money.to_decimal` would accept as they are; anything else takes the general path.
+_PLAIN_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.([0-9]*))?", re.ASCII)
 
 CHRGITM_LVS = ("A", "B", "C")
 #: The settlement fields that are amounts in fen, in NHSA order.
@@ -156,6 +163,15 @@ _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 # --- input values -----------------------------------------------------------------------------
 
 def _decimal(value: Any, label: str, decimals_max: int) -> Decimal:
+    if type(value) is str:
+        plain = _PLAIN_DECIMAL.fullmatch(value)
+        if plain is not None:
+            fraction = plain.group(1)
+            if fraction is not None and len(fraction) > decimals_max:
+                raise SplitInputError(f"{label}: {value} has more than {decimals_max} decimals")
+            return Decimal(value)
+    elif type(value) is Decimal and value.is_finite() and value.as_tuple().exponent >= -decimals_max:
+        return value
     if isinstance(value, float):
         raise SplitInputError(f'{label}: {value!r} is a float; give a decimal string such as "12.50"')
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
@@ -168,6 +184,15 @@ def _decimal(value: Any, label: str, decimals_max: int) -> Decimal:
     if isinstance(exponent, int) and exponent < -decimals_max:
         raise SplitInputError(f"{label}: {value} has more than {decimals_max} decimals")
     return number
+
+
+def _fen_half_up(a: Decimal, b: Decimal, *, scale: int = 2) -> int:
+    """``a × b × 10**scale`` (yuan × quantity -> fen with the default scale), exact, then
+    rounded half-up to an integer (:func:`ledger.money.round_half_up`)."""
+    product = _EXACT.multiply(a, b)
+    if scale:
+        product = product.scaleb(scale, _EXACT)
+    return int(product.quantize(_ONE, ROUND_HALF_UP, _EXACT))
 
 
 def _fen(value: Any, label: str) -> int:
@@ -244,9 +269,7 @@ class BillLine:
         object.__setattr__(self, "cnt", cnt)
         object.__setattr__(self, "selfpay_prop", prop)
         object.__setattr__(self, "pric_uplmt_amt", ceiling)
-        with localcontext() as ctx:
-            ctx.prec = _DECIMAL_PRECISION
-            amount = round_half_up(pric * cnt * 100)
+        amount = _fen_half_up(pric, cnt)
         if amount > AMOUNT_FEN_MAX:
             raise SplitInputError(f"det_item_fee_sumamt: pric × cnt = {amount} fen is beyond the limit "
                                   f"of {AMOUNT_FEN_MAX} fen (amount overflow)")
@@ -392,19 +415,17 @@ def split_line(line: BillLine) -> LineSplit:
     Rule order: amount; class C wholly self-paid; the part above the price ceiling; class-B
     first self-pay of the rest; in-policy remainder.  Asserts the line identity.
     """
-    with localcontext() as ctx:
-        ctx.prec = _DECIMAL_PRECISION
-        sumamt = round_half_up(line.pric * line.cnt * 100)
-        fulamt = overlmt = preselfpay = 0
-        if line.chrgitm_lv == "C":
-            fulamt = sumamt
-        else:
-            ceiling = line.pric_uplmt_amt
-            if ceiling is not None and line.pric > ceiling:
-                overlmt = round_half_up((line.pric - ceiling) * line.cnt * 100)
-            if line.chrgitm_lv == "B":
-                preselfpay = round_half_up((sumamt - overlmt) * line.selfpay_prop)
-        inscp = sumamt - fulamt - overlmt - preselfpay
+    sumamt = _fen_half_up(line.pric, line.cnt)
+    fulamt = overlmt = preselfpay = 0
+    if line.chrgitm_lv == "C":
+        fulamt = sumamt
+    else:
+        ceiling = line.pric_uplmt_amt
+        if ceiling is not None and line.pric > ceiling:
+            overlmt = _fen_half_up(_EXACT.subtract(line.pric, ceiling), line.cnt)
+        if line.chrgitm_lv == "B" and line.selfpay_prop:
+            preselfpay = _fen_half_up(Decimal(sumamt - overlmt), line.selfpay_prop, scale=0)
+    inscp = sumamt - fulamt - overlmt - preselfpay
     _require(min(fulamt, overlmt, preselfpay, inscp) >= 0, f"line {line.feedetl_sn}: negative component")
     _require(sumamt == fulamt + overlmt + preselfpay + inscp, f"line {line.feedetl_sn}: identity")
     return LineSplit(
@@ -573,7 +594,7 @@ def parse_bill_lines(raw: Any, *, where: str = "bill") -> list[BillLine]:
     seen: dict[str, int] = {}
     for i, item in enumerate(raw):
         label = f"{where}[{i}]"
-        if not isinstance(item, Mapping):
+        if type(item) is not dict and not isinstance(item, Mapping):
             raise SplitInputError(f"{label}: expected an object, got {type(item).__name__}")
         for name in item:
             if name not in _LINE_FIELDS:
