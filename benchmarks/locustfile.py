@@ -40,7 +40,11 @@ def city() -> dict:
             doc = json.loads(open(os.environ.get("CITIZENCARD_CITY", "var/city.json")).read())
             keys = json.loads(open(os.environ.get("CITIZENCARD_KEYS", "var/citizencard.db.keys.json")).read())
             engine_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(keys["engine_key_hex"]))
+            from simulators.cards import card_state_path, load_card_state
+
+            state_file = card_state_path(os.environ.get("CITIZENCARD_KEYS", "var/citizencard.db.keys.json"))
             _CITY.update(doc=doc, issuer_mk=bytes.fromhex(keys["issuer_mk_hex"]),
+                         state_file=state_file, saved_atcs=load_card_state(state_file),
                          engine_public=engine_key.public_key(),
                          catalogue=list(load_catalogue(os.environ.get("CITIZENCARD_CATALOGUE", "var/catalogue.csv"))))
         return _CITY
@@ -65,8 +69,11 @@ class Cashier(User):
         self.terminal = clinics[n % len(clinics)]
         key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.terminal["private_key_hex"]))
         self.client = TerminalClient(self.host, self.terminal["terminal_id"], key, c["engine_public"])
+        # Each card starts from the last ATC any simulator used on it (not the city's first one),
+        # so that a second run, or `citizencard day` after this one, never repeats a counter.
         self.cards = [(z, SimulatedCard(issuer_mk=c["issuer_mk"], pan=z["pan"], psn=z["pan_seq"], card_id="0" * 32,
-                                        card_number="000000000", ssn=z["certno"], name=z["name"], atc=z["atc"]))
+                                        card_number="000000000", ssn=z["certno"], name=z["name"],
+                                        atc=max(z["atc"], c["saved_atcs"].get(z["pan"], 0))))
                       for z in c["doc"]["citizens"][n::users]]
         self.his = HisSimulator(c["catalogue"], n)
         self.rng = random.Random(n)
@@ -74,7 +81,10 @@ class Cashier(User):
         self.worker = n
 
     def on_stop(self) -> None:
+        from simulators.cards import save_card_state
+
         self.client.close()
+        save_card_state(city()["state_file"], {card.pan: card.atc for _, card in self.cards})
 
     def _timed(self, name: str, call):
         """Run ``call`` and report it to locust as request ``name``. A decline for insufficient

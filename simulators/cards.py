@@ -35,9 +35,13 @@ issue time; see :mod:`card.cpm` for the format and :func:`card.cpm.verify_cpm_cr
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import threading
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 
 from card.cpm import PAYMENT_AID, Tlv, build_cpm_payload, encode_tlv, make_cpm_cryptogram
 from card.cryptogram import (
@@ -384,3 +388,40 @@ class VirtualCardApp:
         return build_cpm_payload(pan=self.pan, psn=self.psn, cryptogram=cryptogram, atc=atc,
                                  unpredictable_number=un, iad=iad, label=self.label,
                                  cardholder_name=self.cardholder_name, aip=self.aip)
+
+
+# --------------------------------------------------------------------------- card state on disk
+#: One lock per process for the state file's read-merge-write (the simulators of one process
+#: share it; two processes writing at the same moment may lose one's update, never corrupt it).
+_STATE_LOCK = threading.Lock()
+
+
+def card_state_path(keys_file: str | os.PathLike[str]) -> Path:
+    """Where the simulated cards of the city whose test secrets are in ``keys_file`` keep their
+    ATCs: beside it, ``<keys file>.sim-cards.json`` (never the keys file itself)."""
+    keys = Path(keys_file)
+    return keys.parent / (keys.name + ".sim-cards.json")
+
+
+def load_card_state(path: Path) -> dict[str, int]:
+    """PAN -> the last ATC that simulated card used ({} when no simulator has run yet)."""
+    try:
+        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    except FileNotFoundError:
+        return {}
+
+
+def save_card_state(path: Path, atcs: dict[str, int]) -> None:
+    """Merge ``atcs`` (PAN -> last ATC used) into the state file, keeping the higher ATC of
+    each card, atomically (write a temporary file, then rename). A real card keeps its ATC in
+    its own memory; the simulated ones keep it here, so that the day simulator (``citizencard
+    day``) and the locust cashiers (``benchmarks/locustfile.py``) never present a counter the
+    engine has already seen, however often and in whatever order they run on one city."""
+    with _STATE_LOCK:
+        state = load_card_state(path)
+        for pan, atc in atcs.items():
+            state[pan] = max(atc, state.get(pan, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state, sort_keys=True))
+        tmp.replace(path)

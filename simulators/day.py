@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from card.identity import synthetic_name, synthetic_pan, synthetic_sfz, sex_of, birth_date_of
 from settlement import chart
-from simulators.cards import SimulatedCard, VirtualCardApp
+from simulators.cards import SimulatedCard, VirtualCardApp, card_state_path, load_card_state, save_card_state
 from simulators.his import SAMPLE_CSV, HisSimulator, generate_catalogue, write_catalogue
 from terminals.client import EngineError, TerminalClient
 from terminals.close import empty_batch
@@ -149,9 +149,7 @@ class Day:
         self.stats_lock = threading.Lock()
         self.terminals: dict[str, Terminal] = {}
         self.citizens: list[Citizen] = []
-        keys = container.settings.resolved_keys_file()
-        self.state_file = keys.parent / (keys.name + ".sim-cards.json")  # never the keys file itself
-        self.state_lock = threading.Lock()
+        self.state_file = card_state_path(container.settings.resolved_keys_file())
 
     def count(self, name: str, n: int = 1) -> None:
         with self.stats_lock:
@@ -175,7 +173,7 @@ class Day:
                 key = derived_key(self.seed, tid)
                 c.registry.enrol(terminal_id=tid, org_code=code, public_key=key.public_key())
                 self.terminals[tid] = Terminal(tid, code, kind, key)
-        saved = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        saved = load_card_state(self.state_file)
         rng = random.Random(self.seed * 7919 + 1)
         for i in range(self.cards_n):
             insutype = "310" if rng.random() < 0.6 else "390"
@@ -236,17 +234,14 @@ class Day:
                                          "pan": z.card.pan, "amount_fen": amount_fen})
 
     def save_cards(self) -> None:
-        """Persist the simulated cards' ATCs (a real card keeps them in its EEPROM); atomic."""
-        with self.state_lock:
-            state = {}
-            for z in self.citizens:
-                state[z.card.pan] = z.card.atc
-                if z.app:
-                    state[z.app.pan] = z.app.atc
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-            tmp.write_text(json.dumps(state, sort_keys=True))
-            tmp.replace(self.state_file)
+        """Persist the simulated cards' ATCs (a real card keeps them in its EEPROM); see
+        :func:`simulators.cards.save_card_state`."""
+        state = {}
+        for z in self.citizens:
+            state[z.card.pan] = z.card.atc
+            if z.app:
+                state[z.app.pan] = z.app.atc
+        save_card_state(self.state_file, state)
 
     # ------------------------------------------------------------------ the day (HTTP)
     def client(self, base_url: str, t: Terminal) -> TerminalClient:
