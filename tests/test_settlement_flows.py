@@ -1021,3 +1021,32 @@ def test_a_fixed_sequence_agrees_with_the_model(db_url, tmp_path):
         model = run_commands(w, FIXED_SEQUENCE)
     assert model.peak_fund_paid == ANNUAL_CAP_FEN and model.declined == 1 and model.refunds >= 2
     assert len(model.active()) < len(model.settlements)
+
+
+def test_a_contended_card_settlement_says_to_present_the_card_again(world, monkeypatch):
+    """After the card authorised a settlement whose person kept changing under it (every attempt's
+    balance assertion failed), the refusal spends the counter and is recorded, so a resend answers
+    the same: its message says to present the card again under a new msgid, not to retry the same
+    one. A cash settlement's says to retry with the same msgid, which then settles it."""
+    import settlement.service as service_module
+    from ledger.model import EntryOutcome, EntryResult
+
+    monkeypatch.setattr(service_module, "contention_backoff", lambda _attempt: None)
+    submit = world.svc.submit
+    monkeypatch.setattr(world.svc, "submit", lambda entry, hook=None: EntryOutcome(
+        entry.key, EntryResult.BALANCE_ASSERTION_FAILED))
+    p = world.add_person(personal_fen=0, wallet_fen=100_000)
+    snap = world.pending_free_snapshot()
+    with pytest.raises(Conflict) as card:
+        world.settle(p, world.bill(("C", "45.80", "1")), method="card")
+    assert card.value.code == "settlement_contended" and "present the card again, under a new msgid" in card.value.detail
+    v = world.last_visit
+    with pytest.raises(Conflict) as again:
+        world.svc.settle(CLINIC, v)
+    assert (again.value.code, again.value.detail) == ("settlement_contended", card.value.detail)
+    with pytest.raises(Conflict) as cash:
+        world.settle(p, world.bill(("A", "20.00", "1")), method="cash")
+    assert cash.value.code == "settlement_contended" and cash.value.detail.endswith("retry with the same msgid")
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    monkeypatch.setattr(world.svc, "submit", submit)
+    assert world.svc.settle(CLINIC, world.last_visit)["replayed"] is False  # the retry settles
