@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.anchors import run_pgbench, scratch_urls
+from benchmarks.anchors import CpuWindow, pgbench_measured, scratch_urls
 
 TARGETS = {"settlements_vs_pgbench": 1.0}
 CLINICS = (("H33030200101", 1), ("H33030200102", 2), ("H33030200103", 2), ("H33030200104", 3))
@@ -219,9 +219,10 @@ def _child(url: str, tmp: str, catalogue: str, part: list[tuple], threads: int, 
         committer = c.committer
         b0, e0, f0 = _counters(committer)
         barrier.wait()
-        rate, outcomes = drive(c, citizens, bills, threads, seconds, f"M{prefix}", card_share)
+        with CpuWindow() as cpu:
+            rate, outcomes = drive(c, citizens, bills, threads, seconds, f"M{prefix}", card_share)
         b1, e1, f1 = _counters(committer)
-        results.put((rate, dict(outcomes), b1 - b0, e1 - e0, f1 - f0))
+        results.put((rate, dict(outcomes), b1 - b0, e1 - e0, f1 - f0, cpu.own_s, cpu.machine_s, cpu.wall_s))
     except BaseException as exc:  # reported to the parent, never hidden
         results.put(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
         raise
@@ -250,9 +251,11 @@ def bench_service(url: str, seconds: float, threads: int, persons: int, card_sha
                 drive(c, citizens, bills, threads, min(2.0, seconds / 5), f"W{label[:1]}", card_share)  # warm-up
                 committer = c.committer
                 b0, e0, f0 = _counters(committer)
-                rate, outcomes = drive(c, citizens, bills, threads, seconds, f"M{label[:1]}", card_share)
+                with CpuWindow() as cpu:
+                    rate, outcomes = drive(c, citizens, bills, threads, seconds, f"M{label[:1]}", card_share)
                 b1, e1, f1 = _counters(committer)
                 batches, entries, fallbacks = b1 - b0, e1 - e0, f1 - f0
+                engine_s, machine_s, wall_s = cpu.own_s, cpu.machine_s, cpu.wall_s
             else:
                 if c.committer is not None:
                     c.committer.close()  # the parent only set up; the children settle
@@ -276,7 +279,18 @@ def bench_service(url: str, seconds: float, threads: int, persons: int, card_sha
                 rate = sum(r[0] for r in reports)
                 outcomes = sum((collections.Counter(r[1]) for r in reports), collections.Counter())
                 batches, entries, fallbacks = (sum(r[i] for r in reports) for i in (2, 3, 4))
+                engine_s = sum(r[5] for r in reports)  # the windows coincide (a barrier starts them)
+                machine_s = None if any(r[6] is None for r in reports) else max(r[6] for r in reports)
+                wall_s = max(r[7] for r in reports)
             figures[f"{label}settlements_per_s"] = rate
+            settled = outcomes.get("settled", 0)
+            if settled and machine_s is not None:
+                # Where the CPU goes: the engine process(es) (the simulated cashiers and cards run
+                # in them too), and the rest of the machine (PostgreSQL: its backends, WAL writer…)
+                figures[f"{label}machine_cpu_us_per_settlement"] = machine_s / settled * 1e6
+                figures[f"{label}engine_cpu_us_per_settlement"] = engine_s / settled * 1e6
+                figures[f"{label}db_cpu_us_per_settlement"] = (machine_s - engine_s) / settled * 1e6
+                figures[f"{label}busy_share"] = machine_s / (wall_s * (os.cpu_count() or 1))
             if batches:
                 figures[f"{label}batch_mean"] = entries / batches
                 figures[f"{label}fallback_share"] = fallbacks / batches
@@ -321,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             ensure_catalogue(catalogue, seed=42)
             figures["split_per_s"] = bench_split(realistic_bills(catalogue, BILLS), args.seconds)
         print(f"split_visit: {figures['split_per_s']:.0f}/s", file=sys.stderr)
-        figures["pgbench_tpcb"] = run_pgbench(scratch_url, args.seconds)
+        figures["pgbench_tpcb"], pgbench_cpu = pgbench_measured(scratch_url, args.seconds)
+        figures.update(pgbench_cpu)
         print(f"pgbench TPC-B: {figures['pgbench_tpcb']:.0f} tps", file=sys.stderr)
         figures.update(bench_service(scratch_url, args.seconds, args.threads, args.persons, args.card_share,
                                      group_commit=True, label="", processes=args.processes))
@@ -358,6 +373,13 @@ def print_table(figures: dict[str, float], ratios: dict[str, float], args) -> No
         "settlements_per_s": (f"SettlementService.settle, {args.threads} threads, {args.persons} persons, "
                               f"{args.card_share:.0%} by card, group commit"),
         "batch_mean": "mean ledger entries per group-commit transaction",
+        "pgbench_cpu_us_per_txn": "machine CPU (all cores) per TPC-B transaction: server and client",
+        "pgbench_client_cpu_us_per_txn": "of which pgbench itself",
+        "pgbench_busy_share": "share of the cores busy during pgbench (< 1: it waits on locks or the disk)",
+        "machine_cpu_us_per_settlement": "machine CPU (all cores) per settlement",
+        "engine_cpu_us_per_settlement": "of which the engine process(es), simulated cashiers and cards included",
+        "db_cpu_us_per_settlement": "of which the rest of the machine: PostgreSQL",
+        "busy_share": "share of the cores busy while settling",
         "fallback_share": "share of batches whose speculative write was refused and re-applied with locks",
         "refused": "settlements refused during the measured phase (see stderr)",
         "setup_s": "set-up through the services (not measured)",
