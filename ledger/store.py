@@ -818,7 +818,11 @@ class InsertRows(BatchedHook):
     SQLAlchemy Table) in the entry's transaction. The InsertRows of one batch are merged per
     table into ONE multi-row INSERT: on PostgreSQL ``INSERT … SELECT * FROM
     json_populate_recordset(…)`` in the batch's write message, on SQLite one executemany. A
-    failing insert (a unique violation) rolls back the whole batch, as any hook raising does."""
+    failing insert (a unique violation) rolls back the whole batch, as any hook raising does.
+
+    Column values: str, int (within 64 bits: beyond, ``TypeError`` at once), bool, None,
+    ``datetime.date`` / ``datetime`` (ISO text), finite floats. They are encoded here (orjson),
+    in the caller's thread."""
 
     __slots__ = ("table", "rows", "doc")
 

@@ -124,7 +124,7 @@ _EXACT = Context(prec=_DECIMAL_PRECISION)
 _ONE = Decimal(1)
 #: The common form of a price or quantity ("12.50", "3"): digits and an optional fraction, which
 #: :func:`ledger.money.to_decimal` would accept as they are; anything else takes the general path.
-_PLAIN_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.([0-9]*))?", re.ASCII)
+_PLAIN_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.([0-9]{0,32}))?", re.ASCII)
 
 CHRGITM_LVS = ("A", "B", "C")
 #: The settlement fields that are amounts in fen, in NHSA order.

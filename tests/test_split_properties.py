@@ -332,3 +332,41 @@ def test_partial_refund_refuses_returning_more_than_billed():
     remaining = partial_refund(lines, {"1": "2", "2": "0.5"})
     assert [(line.feedetl_sn, line.cnt) for line in remaining] == [("2", Decimal("1.0"))]
     assert partial_refund(lines, {"1": 2, "2": "1.5"}) == []
+
+
+# --- the plain-decimal fast path --------------------------------------------------------------
+
+def _decimal_by_the_general_rules(value, label: str, decimals_max: int):
+    """What ``settlement.split._decimal`` answered before it had a fast path for plain strings:
+    :func:`ledger.money.to_decimal`, then the decimals check (the value or the error text)."""
+    from ledger.money import MoneyError, to_decimal
+
+    try:
+        number = to_decimal(value, field=label)
+    except MoneyError as exc:
+        return f"error: {exc}"
+    exponent = number.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -decimals_max:
+        return f"error: {label}: {value} has more than {decimals_max} decimals"
+    return number
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(st.from_regex(r"\A[ +-]?[0-9]{0,20}(\.[0-9]{0,40})?[ ]?\Z"),
+                 st.text(alphabet="0123456789.-+ e_١", max_size=24),
+                 st.decimals(allow_nan=True, allow_infinity=True)))
+@example("1." + "0" * 100)  # far too long: the general rule's message, which quotes 70 characters
+@example("000000000000007.5")
+@example(".5")
+@example("1.")
+def test_plain_decimal_fast_path_answers_as_the_general_rules(value):
+    from settlement.split import SplitInputError, _decimal
+
+    try:
+        got = _decimal(value, "pric", 6)
+    except SplitInputError as exc:
+        got = f"error: {exc}"
+    want = _decimal_by_the_general_rules(value, "pric", 6)
+    assert got == want and type(got) is type(want)
+    if isinstance(got, Decimal):
+        assert got.as_tuple() == want.as_tuple()  # the same digits and exponent, not only equal
