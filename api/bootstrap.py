@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 import migrations
-from api.settings import GROUP_COMMIT_ENTRIES_MAX, GROUP_COMMIT_WAIT_MS_MAX, Keys, Settings
+from api.settings import GROUP_COMMIT_ENTRIES_MAX, Keys, Settings
 from card.service import CardService
 from ledger.db import make_engine
 from ledger.errors import Invalid
@@ -101,7 +101,8 @@ def bootstrap(settings: Settings, *, clock=clock_us) -> Container:
             GroupCommitter = None
         if GroupCommitter is not None:
             committer = GroupCommitter(ledger, batch_entries_max=GROUP_COMMIT_ENTRIES_MAX,
-                                       wait_ms_max=GROUP_COMMIT_WAIT_MS_MAX)
+                                       wait_ms_max=settings.group_commit_wait_ms,
+                                       linger_ms=settings.group_commit_linger_ms)
             submit = committer.submit
     nonce_store = make_nonce_store(settings.nonce_url)
     accounts = AccountCache(ledger)

@@ -1,0 +1,50 @@
+"""Settings from the environment: the group commit's waits (validated once, one clear error)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from api.settings import GROUP_COMMIT_LINGER_MS, GROUP_COMMIT_WAIT_MS, Settings
+from ledger.errors import Invalid
+
+
+def test_group_commit_waits_default_and_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("CITIZENCARD_GROUP_COMMIT_WAIT_MS", raising=False)
+    monkeypatch.delenv("CITIZENCARD_GROUP_COMMIT_LINGER_MS", raising=False)
+    s = Settings.from_env()
+    assert (s.group_commit_wait_ms, s.group_commit_linger_ms) == (GROUP_COMMIT_WAIT_MS, GROUP_COMMIT_LINGER_MS)
+    monkeypatch.setenv("CITIZENCARD_GROUP_COMMIT_WAIT_MS", "8")
+    monkeypatch.setenv("CITIZENCARD_GROUP_COMMIT_LINGER_MS", "0.5")
+    s = Settings.from_env()
+    assert (s.group_commit_wait_ms, s.group_commit_linger_ms) == (8.0, 0.5)
+    assert Settings(group_commit_wait_ms=0, group_commit_linger_ms=0).group_commit_wait_ms == 0
+
+
+@pytest.mark.parametrize("wait, linger, message", [
+    ("abc", "1", "group_commit_wait_ms: 'abc' is not a number of milliseconds"),
+    ("5", "-1", "group_commit_linger_ms: -1.0 must be 0 to 100 ms"),
+    ("1000", "1", "group_commit_wait_ms: 1000.0 must be 0 to 100 ms"),
+    ("nan", "1", "group_commit_wait_ms: nan must be 0 to 100 ms"),
+    ("2", "3", "group_commit_linger_ms must not exceed group_commit_wait_ms"),
+])
+def test_bad_group_commit_waits_are_refused_naming_the_setting(monkeypatch, wait, linger, message):
+    monkeypatch.setenv("CITIZENCARD_GROUP_COMMIT_WAIT_MS", wait)
+    monkeypatch.setenv("CITIZENCARD_GROUP_COMMIT_LINGER_MS", linger)
+    with pytest.raises(Invalid) as exc:
+        Settings.from_env()
+    assert exc.value.code == "setting_invalid" and exc.value.detail == message
+
+
+def test_the_server_refuses_a_bad_wait_in_one_line(tmp_path):
+    env = dict(os.environ, CITIZENCARD_GROUP_COMMIT_WAIT_MS="soon",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}",
+                           "--port", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: setting_invalid: group_commit_wait_ms: 'soon' is not a number of "
+                                   "milliseconds")
