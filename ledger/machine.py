@@ -236,11 +236,12 @@ class Plan:
     #: committer's speculation): accounts whose exact balances a decision depended on (named by
     #: a balance assertion; refused for a limit or an overflow) …
     exact: set[int] = field(default_factory=set)
-    #: … and, per limited account an accepted entry was checked on, the smallest slack left by
-    #: those checks: [debit-side slack or None, credit-side slack or None] (fen; ``DMNEC``:
+    #: … and, per limited account a check passed on (in an accepted entry, or in a refused one
+    #: before the account that refused it), the smallest slack left by those checks: [debit-side slack or None, credit-side slack or None] (fen; ``DMNEC``:
     #: credits posted + limit - debits; ``CMNED``: debits posted + limit - credits). Every
     #: acceptance still holds on balances that differ by less than that slack in the limit's
-    #: favour. Other accounts' balances were not read by any decision: moved by anyone, the
+    #: favour (and each refusal still comes from the same account, the checks before it
+    #: passing again). Other accounts' balances were not read by any decision: moved by anyone, the
     #: batch's additive balance updates stay right.
     slack: dict[int, list] = field(default_factory=dict)
 
@@ -468,12 +469,7 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
                 return _failed(spec, credit_first[acc_id], TransferResult.EXCEEDS_DEBITS,
                                f"{a.name}: available {available}, entry needs {cp + cpo - dpo}")
             checked.append((acc_id, 1, slack))
-    for acc_id, side, slack in checked:
-        least = plan.slack.get(acc_id)
-        if least is None:
-            plan.slack[acc_id] = [slack, None] if side == 0 else [None, slack]
-        elif least[side] is None or slack < least[side]:
-            least[side] = slack
+    _keep_slack(plan, checked)
 
     # Accepted: apply.
     for acc_id, dl in deltas.items():
@@ -515,10 +511,24 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
 
 
 def _decided_on_exact(plan: Plan, acc_id: int, checked: list[tuple[int, int, int]]) -> None:
-    """An entry is refused on account ``acc_id``'s balance: that refusal, and the limit checks
-    passed before it in the same entry (``checked``), read those balances exactly."""
+    """An entry is refused on account ``acc_id``'s balance: that refusal (its index and its
+    detail) read that account's balances exactly. The limit checks the entry passed before it
+    (``checked``) need only pass again, as an accepted entry's do: their slack is kept
+    (:func:`_keep_slack`), so a pooled fund checked before a wallet that refused is not
+    compared exactly, and another engine's writes to that fund do not void the batch."""
     plan.exact.add(acc_id)
-    plan.exact.update(x[0] for x in checked)
+    _keep_slack(plan, checked)
+
+
+def _keep_slack(plan: Plan, checked: list[tuple[int, int, int]]) -> None:
+    """Keep, per account and side (0 debit, 1 credit), the smallest slack that a passed limit
+    check left (:attr:`Plan.slack`; the write's floor, see ``store_pg.BalanceCheck``)."""
+    for acc_id, side, slack in checked:
+        least = plan.slack.get(acc_id)
+        if least is None:
+            plan.slack[acc_id] = [slack, None] if side == 0 else [None, slack]
+        elif least[side] is None or slack < least[side]:
+            least[side] = slack
 
 
 def _failed(spec: EntrySpec, index: int, result: TransferResult, detail: str) -> EntryOutcome:

@@ -710,7 +710,8 @@ class BalanceCheck:
 
     * exact — an account named by a balance assertion, or on which an entry was refused for
       its limit: all four balances must be the ones assumed;
-    * floor — a limited account an accepted entry was checked on: its limit-side headroom
+    * floor — a limited account a limit check passed on (in an accepted entry, or in a refused
+      one before the account that refused it): its limit-side headroom
       (``credits_posted - debits_pending - debits_posted`` for debits-must-not-exceed-credits,
       the mirror for the other flag) may have moved, but not down by more than the smallest
       slack those checks left, so each acceptance still holds on the balances found;

@@ -103,6 +103,41 @@ def test_a_limit_refusal_reads_the_balance_exactly(w):
     assert w.ledger.submit(entry).ok
 
 
+def test_a_fund_checked_before_the_wallet_that_refused_may_move_within_its_slack(w):
+    """A settlement debits the pooled fund, then a wallet that cannot pay: refused at the wallet.
+    The wallet's refusal read it exactly; the fund's check before it only has to pass again.
+    Another engine moving that fund meanwhile (by less than the slack) keeps the write, whose
+    outcome is the same refusal, at the same transfer."""
+    w.fund("fund", 1_000_000)
+    w.fund("wallet", 100)
+    entry = w.entry(w.t("fund", "merchant", 100), w.t("wallet", "merchant", 150))
+    spec = speculate(w, entry, w.entry(w.t("bank", "merchant", 3)))
+    assert w.submit(w.t("fund", "merchant", 50)).ok  # another engine settles through the fund
+    refused, accepted = w.ledger.commit_speculation(spec)
+    assert (refused.result, refused.failed_index, refused.transfer_result) == (
+        EntryResult.TRANSFER_FAILED, 1, TransferResult.EXCEEDS_CREDITS)
+    assert accepted.ok
+    assert w.balance("fund").debits_posted == 50 and w.balance("merchant").credits_posted == 53
+    assert w.ledger.verify() == []
+
+
+def test_a_fund_moved_past_its_slack_before_a_refusal_refuses_the_write(w):
+    """As above, but the other engine took so much of the fund that, applied after it, the
+    entry fails on the fund first: the write is refused, and applied again with locks it
+    reports the fund, as applying the two one after the other does."""
+    w.fund("fund", 1_000)
+    w.fund("wallet", 100)
+    entry = w.entry(w.t("fund", "merchant", 900), w.t("wallet", "merchant", 150))
+    spec = speculate(w, entry)
+    assert spec.plan.results[0].failed_index == 1
+    assert w.submit(w.t("fund", "merchant", 200)).ok
+    with pytest.raises(StaleReadError):
+        w.ledger.commit_speculation(spec)
+    again = w.ledger.submit(entry)
+    assert (again.failed_index, again.transfer_result) == (0, TransferResult.EXCEEDS_CREDITS)
+    assert w.balance("fund").debits_posted == 200
+
+
 def test_two_engines_drain_one_limited_account_exactly(pg_url, w):
     """Two group committers on two engines (as two engine processes) race to spend one wallet
     and to pay into one payable: exactly what the wallet holds is spent, never more."""
