@@ -22,11 +22,9 @@ import locust  # noqa: F401  isort: skip
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -94,33 +92,18 @@ def main() -> None:
     server = None
     try:
         cli("city", "--cards", str(args.cards), "--out", str(work / "city.json"), env=env)
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "w"))
-        host = f"http://127.0.0.1:{port}"
-        import urllib.request
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(host + "/healthz", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit(f"the engine did not start; see {work / 'serve.log'}")
-                time.sleep(0.2)
+        from benchmarks.engine import start_engine
+        try:
+            server, host = start_engine(env, work / "serve.log")
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
         anchor = run_locust(HealthProbe, host, args.users, max(2.0, args.seconds / 3))
         from benchmarks.locustfile import Cashier
         load = run_locust(Cashier, host, args.users, args.seconds)
     finally:
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            from benchmarks.engine import stop_engine
+            stop_engine(server)
     verify = subprocess.run([sys.executable, "-m", "api.cli", "ledger", "verify"], env=env, cwd=ROOT,
                             capture_output=True, text=True)
     if scratch:

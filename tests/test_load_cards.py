@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from benchmarks.engine import start_engine, stop_engine
 from simulators.cards import card_state_path, load_card_state, save_card_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,28 +64,14 @@ def test_two_load_runs_then_a_day_on_one_city_never_repeat_a_counter(tmp_path):
     city = subprocess.run([sys.executable, "-m", "api.cli", "city", "--cards", "6", "--out", str(tmp_path / "city.json")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert city.returncode == 0, city.stderr[-2000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))
-    host = f"http://127.0.0.1:{port}"
+    server, host = start_engine(env, tmp_path / "serve.log", cwd=tmp_path, timeout_s=60)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(host + "/healthz", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(0.2)
         first = _locust(env, host, tmp_path, "first")
         saved = load_card_state(card_state_path(tmp_path / "keys.json"))
         assert first["stats"]["settle"][0] > 0 and saved, first
         second = _locust(env, host, tmp_path, "second")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_engine(server)
     for run in (first, second):
         assert "atc_replayed" not in run["failures"], run["failures"]
         assert run["stats"]["settle"][0] > 0 and run["stats"]["settle"][1] == 0, run
