@@ -19,12 +19,14 @@ still being written, TigerBeetle-fashion:
   it read (once, ascending id order, one statement), checks their balances are the ones it was
   decided on, writes and commits (:meth:`ledger.store.Ledger.commit_speculation`);
 * if anything moved underneath — another process or a direct :meth:`Ledger.submit` changed a
-  balance, a pending transfer was resolved, a duplicate key committed first — nothing is
+  balance a decision read, a pending transfer was resolved, a duplicate key committed first, a
+  key a refused entry found free was taken — nothing is
   written, the overlay is forgotten and that batch is applied again on the locking path
   (:meth:`ledger.store.Ledger.submit_prepared`); later batches decided on it fail their check
   the same way. Hooks run in the batch's transaction after its write, before COMMIT (and on
-  the locking path again if one raises). Every batch on SQLite (one writer) takes the locking
-  path directly.
+  the locking path again if one raises). A batch with a refusal the write could not check (a
+  hold's or a reversal target's state, an account or hold not found) takes the locking path
+  directly, as does every batch on SQLite (one writer).
 
 Results are therefore those of applying the batches one after another in number order, each
 entry after the ones before it: an entry submitted after another one's outcome was returned is

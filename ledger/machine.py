@@ -244,6 +244,15 @@ class Plan:
     #: passing again). Other accounts' balances were not read by any decision: moved by anyone, the
     #: batch's additive balance updates stay right.
     slack: dict[int, list] = field(default_factory=dict)
+    #: Keys a refused entry found free (its entry key, the keys of the transfers it got past):
+    #: another writer storing one meanwhile would change that answer, so the write checks they
+    #: are still free (``store_pg.BalanceCheck``).
+    absent_entry_keys: list[str] = field(default_factory=list)
+    absent_transfer_keys: list[str] = field(default_factory=list)
+    #: A refusal was decided on something the write cannot check (a hold's or a reversal
+    #: target's state, an account or hold not found, a transfer key taken…): a batch decided
+    #: on an unlocked read must then be applied again with locks (:meth:`Ledger.speculate`).
+    unverifiable: bool = False
 
     @property
     def writes(self) -> bool:
@@ -265,9 +274,41 @@ def plan_batch(batch: Sequence[Prepared], snap: Snapshot) -> Plan:
         if p.failure is not None:
             plan.results.append(p.failure)
             continue
-        plan.results.append(_entry(plan, snap, p, index, posted, batch_tkeys, batch_holds,
-                                   batch_targets, reversed_in_batch))
+        result = _entry(plan, snap, p, index, posted, batch_tkeys, batch_holds, batch_targets, reversed_in_batch)
+        if type(result) is EntryOutcome and not result.ok and not plan.unverifiable:
+            _refusal_read(plan, p, result)
+        plan.results.append(result)
     return plan
+
+
+#: Refusals whose reads the speculative write checks: a limit (the refusing account's balances
+#: exactly, the limit checks passed before it as floors) or a balance assertion (exactly).
+_LIMIT_RESULTS = frozenset({TransferResult.EXCEEDS_CREDITS, TransferResult.EXCEEDS_DEBITS,
+                            TransferResult.OVERFLOWS_BALANCE})
+
+
+def _refusal_read(plan: Plan, p: Prepared, outcome: EntryOutcome) -> None:
+    """Record what a refused entry's answer was decided on, for a write that checks it later.
+
+    An entry refused for a limit or a balance assertion read balances (kept in :attr:`Plan.exact`
+    and :attr:`Plan.slack` as it was decided) and found its keys free (kept here). Any other
+    refusal, or one of a reversal (the target's state), read what the write cannot check:
+    :attr:`Plan.unverifiable`. A refusal for an idempotency conflict read a stored entry, which
+    never changes."""
+    spec = p.spec
+    result = outcome.result
+    if result is EntryResult.EXISTS_WITH_DIFFERENT_CONTENT:
+        return
+    if spec.reverses:
+        plan.unverifiable = True
+        return
+    if result is EntryResult.BALANCE_ASSERTION_FAILED or (
+            result is EntryResult.TRANSFER_FAILED and outcome.transfer_result in _LIMIT_RESULTS):
+        plan.absent_entry_keys.append(spec.key)
+        if result is EntryResult.TRANSFER_FAILED:  # the limits are checked after every transfer
+            plan.absent_transfer_keys.extend(t.key for t in spec.transfers)
+        return
+    plan.unverifiable = True
 
 
 def _expire(plan: Plan, snap: Snapshot, hold: Hold) -> None:
@@ -336,6 +377,8 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
         actual = (acc.cpo - acc.dpo) if acc is not None else None
         if acc is not None:
             plan.exact.add(acc.id)
+        else:
+            plan.unverifiable = True  # the account may be opened meanwhile
         if actual != a.expected_fen:
             return EntryOutcome(key, EntryResult.BALANCE_ASSERTION_FAILED,
                                 detail=f"{a.account}: expected {a.expected_fen}, found {actual}")
@@ -449,13 +492,13 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
         debits = a.dp + dp + a.dpo + dpo
         credits = a.cp + cp + a.cpo + cpo
         if debits > BALANCE_MAX or credits > BALANCE_MAX:
-            _decided_on_exact(plan, acc_id, checked)
+            _decided_on_exact(plan, acc_id, checked, resolutions)
             i = min(debit_first.get(acc_id, n), credit_first.get(acc_id, n))
             return _failed(spec, i, TransferResult.OVERFLOWS_BALANCE, a.name)
         if a.flags & DMNEC and dp + dpo - cpo > 0:
             slack = a.cpo + cpo + a.credit_limit - debits
             if slack < 0:
-                _decided_on_exact(plan, acc_id, checked)
+                _decided_on_exact(plan, acc_id, checked, resolutions)
                 available = a.cpo + a.credit_limit - a.dp - a.dpo
                 return _failed(spec, debit_first[acc_id], TransferResult.EXCEEDS_CREDITS,
                                f"{a.name}: available {available}, entry needs {dp + dpo - cpo}"
@@ -464,7 +507,7 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
         if a.flags & CMNED and cp + cpo - dpo > 0:
             slack = a.dpo + dpo + a.credit_limit - credits
             if slack < 0:
-                _decided_on_exact(plan, acc_id, checked)
+                _decided_on_exact(plan, acc_id, checked, resolutions)
                 available = a.dpo + a.credit_limit - a.cp - a.cpo
                 return _failed(spec, credit_first[acc_id], TransferResult.EXCEEDS_DEBITS,
                                f"{a.name}: available {available}, entry needs {cp + cpo - dpo}")
@@ -510,14 +553,20 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
     return ("new", entry_ord, base_ord, n)
 
 
-def _decided_on_exact(plan: Plan, acc_id: int, checked: list[tuple[int, int, int]]) -> None:
+def _decided_on_exact(plan: Plan, acc_id: int, checked: list[tuple[int, int, int]],
+                      resolutions: list[tuple[Hold, int, int]]) -> None:
     """An entry is refused on account ``acc_id``'s balance: that refusal (its index and its
     detail) read that account's balances exactly. The limit checks the entry passed before it
     (``checked``) need only pass again, as an accepted entry's do: their slack is kept
     (:func:`_keep_slack`), so a pooled fund checked before a wallet that refused is not
-    compared exactly, and another engine's writes to that fund do not void the batch."""
+    compared exactly, and another engine's writes to that fund do not void the batch. The holds
+    the entry posted or voided on the way (``resolutions``) were found pending: their accounts'
+    balances are compared exactly, which a hold resolved meanwhile changes (its pending part)."""
     plan.exact.add(acc_id)
     _keep_slack(plan, checked)
+    for hold, _state, _tord in resolutions:
+        plan.exact.add(hold.debit_id)
+        plan.exact.add(hold.credit_id)
 
 
 def _keep_slack(plan: Plan, checked: list[tuple[int, int, int]]) -> None:

@@ -343,7 +343,11 @@ class Ledger:
                     acc.dp, acc.dpo, acc.cp, acc.cpo = planned
             expected = {acc_id: (a.dp, a.dpo, a.cp, a.cpo) for acc_id, a in snap.by_id.items()}
             spec.plan = plan = plan_batch(batch, snap)
-            spec.expected = BalanceCheck(expected, plan.exact, plan.slack)
+            if plan.unverifiable:  # a refusal the write could not check: decide it again, locked
+                spec.release(failed=True)
+                return None
+            spec.expected = BalanceCheck(expected, plan.exact, plan.slack,
+                                         plan.absent_entry_keys, plan.absent_transfer_keys)
             spec.snap = snap
             return spec
         except BaseException:

@@ -59,7 +59,7 @@ from ledger.db import (HOOK_REFUSED, RETRY_SLEEP_S_MAX, HookRefused, StaleReadEr
 from ledger.machine import (Account, Hold, Plan, ReversalTarget, Snapshot, StoredEntry, F_NONE, F_PENDING,
                             F_POST, S_PENDING)
 
-VERSION = "v4"  #: bump when a statement changes (connections prepare each name once)
+VERSION = "v5"  #: bump when a statement changes (connections prepare each name once)
 GUARD = "ledger guard failed: "
 #: Plan each statement once per connection (generic plan), and plan it index-only: every lookup
 #: of the hot path has an index, and a plan chosen while a table was small must not turn into a
@@ -216,7 +216,7 @@ LOCK_CAS = f"ledger_lock_check_{VERSION}"
 #: id order) and check what its decisions read of them (:class:`BalanceCheck`): the exact
 #: balances of some, a floor under the limit-side headroom of others, nothing of the rest.
 LOCK_CAS_SQL = f"""
-PREPARE {LOCK_CAS} (bigint[], bigint[], bigint[], bigint[], bigint[], bigint[], bigint[]) AS
+PREPARE {LOCK_CAS} (bigint[], bigint[], bigint[], bigint[], bigint[], bigint[], bigint[], text[], text[]) AS
 WITH locked AS MATERIALIZED (
     SELECT a.id, a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted
     FROM ledger_accounts a WHERE a.id = ANY($1)
@@ -231,9 +231,12 @@ differ AS (
        OR l.credits_posted - l.debits_pending - l.debits_posted < x.fd
        OR l.debits_posted - l.credits_pending - l.credits_posted < x.fc
 )
-SELECT CASE WHEN (SELECT count(*) FROM locked) = cardinality($1) AND (SELECT n FROM differ) = 0 THEN 0
+SELECT CASE WHEN (SELECT count(*) FROM locked) = cardinality($1) AND (SELECT n FROM differ) = 0
+                 -- the keys a refused entry found free are still free
+                 AND NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.key = ANY($8))
+                 AND NOT EXISTS (SELECT 1 FROM ledger_transfers t WHERE t.key = ANY($9)) THEN 0
             -- what the batch was decided on moved: abort, the batch is applied again with locks
-            ELSE ('{GUARD}balances moved ' || (SELECT n FROM differ))::int END
+            ELSE ('{GUARD}balances moved ' || (SELECT n FROM differ) || ' or a key was taken')::int END
 """
 
 READ_SIMPLE, READ_FULL = f"ledger_read_simple_{VERSION}", f"ledger_read_full_{VERSION}"
@@ -715,14 +718,21 @@ class BalanceCheck:
       (``credits_posted - debits_pending - debits_posted`` for debits-must-not-exceed-credits,
       the mirror for the other flag) may have moved, but not down by more than the smallest
       slack those checks left, so each acceptance still holds on the balances found;
-    * nothing — every other account (a clinic's payable, a memo contra): locked, not compared.
+    * nothing — every other account (a clinic's payable, a memo contra): locked, not compared;
+    * and the keys a refused entry found free (its entry key, its transfers' keys) must still be
+      free: stored meanwhile by another writer, they would have made that entry a conflict.
+      (A refusal decided on anything else — a hold's or a reversal target's state, something
+      not found — is not speculated at all: :attr:`ledger.machine.Plan.unverifiable`.)
 
     So two engine processes settling through one pooled fund no longer refuse each other's
     speculative batches on every commit."""
 
-    __slots__ = ("ids", "exact", "floor_d", "floor_c")
+    __slots__ = ("ids", "exact", "floor_d", "floor_c", "absent_entry_keys", "absent_transfer_keys")
 
-    def __init__(self, expected: dict[int, tuple], exact: set[int], slack: dict[int, list]) -> None:
+    def __init__(self, expected: dict[int, tuple], exact: set[int], slack: dict[int, list],
+                 absent_entry_keys: Sequence[str] = (), absent_transfer_keys: Sequence[str] = ()) -> None:
+        self.absent_entry_keys = list(absent_entry_keys)
+        self.absent_transfer_keys = list(absent_transfer_keys)
         self.ids = list(expected)
         self.exact = [expected[i] if i in exact else None for i in self.ids]
         self.floor_d: list[int | None] = []
@@ -742,7 +752,8 @@ def _check_sql(check: BalanceCheck) -> str:
     ex = check.exact
     cols = [int_array([None if b is None else b[k] for b in ex]) for k in range(4)]
     return (f"EXECUTE {LOCK_CAS}({_ints(check.ids)}, {', '.join(cols)}, "
-            f"{int_array(check.floor_d)}, {int_array(check.floor_c)}); ")
+            f"{int_array(check.floor_d)}, {int_array(check.floor_c)}, "
+            f"{text_array(check.absent_entry_keys)}, {text_array(check.absent_transfer_keys)}); ")
 
 
 class _Missing(Exception):

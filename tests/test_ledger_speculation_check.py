@@ -138,6 +138,56 @@ def test_a_fund_moved_past_its_slack_before_a_refusal_refuses_the_write(w):
     assert w.balance("fund").debits_posted == 200
 
 
+def test_a_hold_resolved_meanwhile_under_a_refusal_refuses_the_write(w):
+    """An entry posts a hold on the fund, then is refused at the wallet. If another engine voids
+    that hold meanwhile, applied after it the entry fails at the hold instead: the hold's
+    accounts are compared exactly (its pending part moved), so the write is refused and the
+    entry, applied again with locks, gets the answer of the serial order."""
+    from ledger.model import TransferFlags
+
+    w.fund("fund", 1_000)
+    w.fund("wallet", 100)
+    hold = w.t("fund", "merchant", 300, flags=TransferFlags.PENDING, timeout_s=3600)
+    assert w.submit(hold).ok
+    entry = w.entry(w.t("", "", 0, flags=TransferFlags.POST_PENDING, pending_key=hold.key),
+                    w.t("fund", "merchant", 10), w.t("wallet", "merchant", 150))
+    spec = speculate(w, entry)
+    assert (spec.plan.results[0].failed_index, spec.plan.results[0].transfer_result) == (
+        2, TransferResult.EXCEEDS_CREDITS)
+    assert w.submit(w.t("", "", 0, flags=TransferFlags.VOID_PENDING, pending_key=hold.key)).ok
+    with pytest.raises(StaleReadError):
+        w.ledger.commit_speculation(spec)
+    again = w.ledger.submit(entry)
+    assert (again.failed_index, again.transfer_result) == (0, TransferResult.PENDING_TRANSFER_ALREADY_VOIDED)
+
+
+def test_a_key_taken_meanwhile_under_a_refusal_refuses_the_write(w):
+    """An entry refused at the wallet found its key free; another engine stores an entry under
+    that key meanwhile (without touching these accounts): applied after it, the entry is a
+    conflict, not a refusal, so the write is refused and decided again with locks."""
+    w.fund("wallet", 100)
+    entry = w.entry(w.t("wallet", "merchant", 150), key=w.key("e"))
+    spec = speculate(w, entry)
+    assert spec.plan.results[0].transfer_result is TransferResult.EXCEEDS_CREDITS
+    assert w.ledger.submit(w.entry(w.t("bank", "wallet2", 5), key=entry.key)).ok
+    with pytest.raises(StaleReadError):
+        w.ledger.commit_speculation(spec)
+    assert w.ledger.submit(entry).result is EntryResult.EXISTS_WITH_DIFFERENT_CONTENT
+
+
+def test_a_refusal_the_write_cannot_check_is_decided_with_locks(w):
+    """A refusal read from something the write does not compare (a hold not found, which
+    another engine may create meanwhile): the batch is not speculated but applied with locks."""
+    from ledger.model import TransferFlags
+
+    entry = w.entry(w.t("", "", 0, flags=TransferFlags.VOID_PENDING, pending_key="no-such-hold"))
+    assert w.ledger.speculate([prepare(entry)], {}) is None
+    with GroupCommitter(w.ledger, committers=2) as gc:
+        out = gc.submit(entry)
+        assert out.transfer_result is TransferResult.PENDING_TRANSFER_NOT_FOUND
+        assert gc.fallbacks == 0 and gc.speculated == 0
+
+
 def test_two_engines_drain_one_limited_account_exactly(pg_url, w):
     """Two group committers on two engines (as two engine processes) race to spend one wallet
     and to pay into one payable: exactly what the wallet holds is spent, never more."""
