@@ -14,6 +14,7 @@ for a failed check.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -47,8 +48,12 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _settings(db: str | None, **extra):
+    """The settings (environment, then ``--db``); a bad one is one line on stderr, exit 2."""
     from api.settings import Settings
-    return Settings.from_env(db_url=db, **extra)
+    try:
+        return Settings.from_env(db_url=db, **extra)
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
 
 
 def _existing_db(db: str | None) -> str:
@@ -156,7 +161,11 @@ def city(cards: Annotated[int, typer.Option(min=1, max=100_000, help="Citizens w
         sim.setup()
         sim.fund_wallets(wallet_fen)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(sim.describe(), indent=1))
+        # The terminals' private keys are in it: readable by its owner only, as the keys file is.
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(sim.describe(), indent=1))
+        os.chmod(tmp, 0o600)
+        tmp.replace(out)
     except DomainError as exc:
         fail(f"{exc.code}: {exc.detail}")
     finally:

@@ -11,7 +11,7 @@ Values come from keyword arguments or ``CITIZENCARD_*`` environment variables:
 | ``catalogue`` | ``CITIZENCARD_CATALOGUE`` | ``var/catalogue.csv`` |
 | ``public_origin`` | ``CITIZENCARD_PUBLIC_ORIGIN`` | none: the URL the request arrived on |
 | ``group_commit_wait_ms`` | ``CITIZENCARD_GROUP_COMMIT_WAIT_MS`` | 5: longest a ledger entry waits for others to share its commit |
-| ``group_commit_linger_ms`` | ``CITIZENCARD_GROUP_COMMIT_LINGER_MS`` | 1.5: how long a gathering batch waits for one more entry |
+| ``group_commit_linger_ms`` | ``CITIZENCARD_GROUP_COMMIT_LINGER_MS`` | 1.5: how long a gathering batch waits for one more entry (0: it does not wait) |
 
 The group commit's two waits trade a few milliseconds of a settlement's latency (at most
 ``group_commit_wait_ms``) for fewer, larger transactions when the engine is busy: on the 2-core
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,10 @@ GROUP_COMMIT_WAIT_MS = 5.0
 GROUP_COMMIT_LINGER_MS = 1.5
 #: bound of both group-commit waits (a settlement's latency)
 GROUP_COMMIT_WAIT_MS_MAX = 100.0
+#: a number of milliseconds as the environment gives it: ASCII digits, an optional fraction
+_MS_TEXT = re.compile(r"[0-9]{1,6}(?:\.[0-9]{0,6})?|\.[0-9]{1,6}", re.ASCII)
+_ENV = {"group_commit_wait_ms": "CITIZENCARD_GROUP_COMMIT_WAIT_MS",
+        "group_commit_linger_ms": "CITIZENCARD_GROUP_COMMIT_LINGER_MS"}
 GROUP_COMMIT_ENTRIES_MAX = 512
 
 
@@ -79,16 +84,18 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("group_commit_wait_ms", "group_commit_linger_ms"):
             value = getattr(self, name)
+            label = f"{name} ({_ENV[name]})"
             if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise Invalid("setting_invalid", f"{name}: {value!r} is not a number of milliseconds") from None
+                if not _MS_TEXT.fullmatch(value.strip()):
+                    raise Invalid("setting_invalid", f"{label}: {value!r} is not a number of milliseconds "
+                                  "(digits 0-9 with an optional decimal point)")
+                value = float(value)
                 object.__setattr__(self, name, value)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= GROUP_COMMIT_WAIT_MS_MAX:
-                raise Invalid("setting_invalid", f"{name}: {value!r} must be 0 to {GROUP_COMMIT_WAIT_MS_MAX:g} ms")
+                raise Invalid("setting_invalid", f"{label}: {value!r} must be 0 to {GROUP_COMMIT_WAIT_MS_MAX:g} ms")
         if self.group_commit_linger_ms > self.group_commit_wait_ms:
-            raise Invalid("setting_invalid", "group_commit_linger_ms must not exceed group_commit_wait_ms")
+            raise Invalid("setting_invalid", f"group_commit_linger_ms ({_ENV['group_commit_linger_ms']}) must not "
+                          f"exceed group_commit_wait_ms ({_ENV['group_commit_wait_ms']})")
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

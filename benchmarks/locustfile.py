@@ -11,12 +11,23 @@ secrets this file reads)::
 ``python -m benchmarks.load`` does all of that in one bounded run on loopback. Each simulated
 cashier owns a disjoint slice of the city's cards (a card is in one place at a time), builds a
 bill with the HIS simulator, pre-settles (NHSA 2206) and settles (2207) with an EMV ARQC.
+
+* The cards are shared out among the run's users (``-u``; or ``CITIZENCARD_USERS``). Run locust
+  as one process (no ``--processes``): its worker processes would each clone the same users,
+  with the same cards and message ids.
+* The cards' counters (ATC) are kept in ``<keys file>.sim-cards.json`` and merged back when the
+  users stop (SIGINT/SIGTERM included), so the next run, or ``citizencard day``, continues them.
+  A run killed with SIGKILL loses its counters: the engine then answers ``atc_replayed``.
+* ``citizencard day`` after a load on the same city closes that day with the load's (and the
+  city's set-up recharges') terminals reported as ``batch_out_of_balance``: those terminals'
+  own batch totals, which the day simulator keeps, do not count that traffic.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
 import threading
@@ -25,6 +36,7 @@ import time
 from locust import User, constant, task
 
 _COUNTER = itertools.count()
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per request
 _LOCK = threading.Lock()
 _CITY: dict = {}
 
@@ -40,9 +52,10 @@ def city() -> dict:
             doc = json.loads(open(os.environ.get("CITIZENCARD_CITY", "var/city.json")).read())
             keys = json.loads(open(os.environ.get("CITIZENCARD_KEYS", "var/citizencard.db.keys.json")).read())
             engine_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(keys["engine_key_hex"]))
-            from simulators.cards import card_state_path, load_card_state
+            from simulators.cards import card_state_path, load_card_state, save_card_state
 
             state_file = card_state_path(os.environ.get("CITIZENCARD_KEYS", "var/citizencard.db.keys.json"))
+            save_card_state(state_file, {})  # fails now, naming the file, if it cannot be kept
             _CITY.update(doc=doc, issuer_mk=bytes.fromhex(keys["issuer_mk_hex"]),
                          state_file=state_file, saved_atcs=load_card_state(state_file),
                          engine_public=engine_key.public_key(),
@@ -64,7 +77,9 @@ class Cashier(User):
 
         c = city()
         n = next(_COUNTER)
-        users = int(os.environ.get("CITIZENCARD_USERS", "16"))
+        # The cards are shared out among this many users (each card in one place at a time):
+        # CITIZENCARD_USERS, or the number of users this run spawns (locust's -u).
+        users = int(os.environ.get("CITIZENCARD_USERS") or self.environment.runner.target_user_count or 1)
         clinics = [t for t in c["doc"]["terminals"] if t["kind"] == "clinic"]
         self.terminal = clinics[n % len(clinics)]
         key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.terminal["private_key_hex"]))
@@ -81,10 +96,13 @@ class Cashier(User):
         self.worker = n
 
     def on_stop(self) -> None:
-        from simulators.cards import save_card_state
+        from simulators.cards import CardStateError, save_card_state
 
         self.client.close()
-        save_card_state(city()["state_file"], {card.pan: card.atc for _, card in self.cards})
+        try:
+            save_card_state(city()["state_file"], {card.pan: card.atc for _, card in self.cards})
+        except CardStateError as exc:  # one line, not a traceback per user
+            logging.getLogger(__name__).error("%s", exc)
 
     def _timed(self, name: str, call):
         """Run ``call`` and report it to locust as request ``name``. A decline for insufficient

@@ -642,8 +642,9 @@ class SettlementService:
                 continue
             raise self._refusal(outcome, legs)
         if auth is not None:  # the card (or QR code) authorised it: its counter is spent with this refusal
-            raise Conflict("settlement_contended", "the person's accounts kept changing; the card's authorisation "
-                           "is used up: present the card again, under a new msgid")
+            what = "QR code" if auth.method == "qr" else "card"
+            raise Conflict("settlement_contended", f"the person's accounts kept changing; the {what}'s "
+                           f"authorisation is used up: present the {what} again, under a new msgid")
         raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid")
 
     def _day_after_refusal(self) -> dt.date:

@@ -391,9 +391,13 @@ class VirtualCardApp:
 
 
 # --------------------------------------------------------------------------- card state on disk
-#: One lock per process for the state file's read-merge-write (the simulators of one process
-#: share it; two processes writing at the same moment may lose one's update, never corrupt it).
+#: One lock per process for the state file's read-merge-write, beside a lock file that
+#: serialises it between processes (fcntl.flock).
 _STATE_LOCK = threading.Lock()
+
+
+class CardStateError(RuntimeError):
+    """The simulated cards' state file cannot be read or written; the message names it."""
 
 
 def card_state_path(keys_file: str | os.PathLike[str]) -> Path:
@@ -404,24 +408,46 @@ def card_state_path(keys_file: str | os.PathLike[str]) -> Path:
 
 
 def load_card_state(path: Path) -> dict[str, int]:
-    """PAN -> the last ATC that simulated card used ({} when no simulator has run yet)."""
+    """PAN -> the last ATC that simulated card used ({} when no simulator has run yet).
+    Raises :class:`CardStateError` naming the file when it is not a JSON object of PAN -> ATC
+    (0..65535)."""
     try:
-        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        text = path.read_text()
     except FileNotFoundError:
         return {}
+    except OSError as exc:
+        raise CardStateError(f"cannot read the simulated cards' counters in {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or not all(
+                isinstance(k, str) and type(v) is int and 0 <= v <= ATC_MAX for k, v in doc.items()):
+            raise ValueError("expected a JSON object of PAN -> ATC (0..65535)")
+    except ValueError as exc:
+        raise CardStateError(f"{path} does not hold the simulated cards' counters ({exc}); it is written by "
+                             "the simulators only: restore it, or set the city up again") from None
+    return doc
 
 
 def save_card_state(path: Path, atcs: dict[str, int]) -> None:
     """Merge ``atcs`` (PAN -> last ATC used) into the state file, keeping the higher ATC of
-    each card, atomically (write a temporary file, then rename). A real card keeps its ATC in
-    its own memory; the simulated ones keep it here, so that the day simulator (``citizencard
-    day``) and the locust cashiers (``benchmarks/locustfile.py``) never present a counter the
-    engine has already seen, however often and in whatever order they run on one city."""
-    with _STATE_LOCK:
-        state = load_card_state(path)
-        for pan, atc in atcs.items():
-            state[pan] = max(atc, state.get(pan, 0))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state, sort_keys=True))
-        tmp.replace(path)
+    each card, atomically (write a temporary file, then rename) and under a lock shared with
+    other processes. A real card keeps its ATC in its own memory; the simulated ones keep it
+    here, so that the day simulator (``citizencard day``) and the locust cashiers
+    (``benchmarks/locustfile.py``) never present a counter the engine has already seen, however
+    often and in whatever order they run on one city. Raises :class:`CardStateError` naming the
+    file when it cannot be written."""
+    import fcntl
+
+    try:
+        with _STATE_LOCK:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path.with_name(path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                state = load_card_state(path)
+                for pan, atc in atcs.items():
+                    state[pan] = max(atc, state.get(pan, 0))
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(state, sort_keys=True))
+                tmp.replace(path)
+    except OSError as exc:
+        raise CardStateError(f"cannot write the simulated cards' counters to {path}: {exc.strerror or exc}") from None

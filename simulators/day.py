@@ -196,6 +196,7 @@ class Day:
                 citizen.app = VirtualCardApp(issuer_mk=c.keys.issuer_mk, pan=vpan, psn="00", atc=saved.get(vpan, 0))
                 citizen.virtual_pan = vpan
             self.citizens.append(citizen)
+        self.save_cards()  # before any payment: a state file that cannot be written stops us here
         # Contributions: the pooled funds and the employees' personal accounts (operator batch).
         day = c.days.current()
         for fund in sorted(set(chart.POOLED_FUND.values()) | set(chart.SECOND_TIER_FUND.values())):

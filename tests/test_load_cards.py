@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.engine import start_engine, stop_engine
-from simulators.cards import card_state_path, load_card_state, save_card_state
+from simulators.cards import CardStateError, card_state_path, load_card_state, save_card_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,46 @@ def test_state_merges_keeping_each_cards_highest_counter(tmp_path):
     save_card_state(path, {"6200000000000001": 5, "6200000000000002": 9})
     save_card_state(path, {"6200000000000001": 7, "6200000000000002": 3, "6200000000000003": 1})
     assert load_card_state(path) == {"6200000000000001": 7, "6200000000000002": 9, "6200000000000003": 1}
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("", "Expecting value"), ("[1, 2]", "expected a JSON object"), ('{"6200": 70000}', "expected a JSON object"),
+    ('{"6200": "7"}', "expected a JSON object")])
+def test_a_damaged_state_file_is_named_in_one_line(tmp_path, content, reason):
+    path = card_state_path(tmp_path / "keys.json")
+    path.write_text(content)
+    with pytest.raises(CardStateError) as exc:
+        load_card_state(path)
+    assert str(path) in str(exc.value) and reason in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_an_unwritable_state_file_is_named(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(CardStateError) as exc:
+        save_card_state(card_state_path(blocker / "keys.json"), {"6200000000000001": 1})
+    assert "cannot write the simulated cards' counters" in str(exc.value) and str(blocker) in str(exc.value)
+
+
+def test_saves_from_several_processes_all_land(tmp_path):
+    """Four processes save 50 counters each, one at a time: the file has every card's last one."""
+    import multiprocessing
+
+    path = card_state_path(tmp_path / "keys.json")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_save_many, args=(path, f"62000000000000{k:02d}", 50)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert load_card_state(path) == {f"62000000000000{k:02d}": 50 for k in range(4)}
+
+
+def _save_many(path, pan: str, n: int) -> None:
+    for atc in range(1, n + 1):
+        save_card_state(path, {pan: atc})
 
 
 def _env(tmp_path: Path) -> dict:

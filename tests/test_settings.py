@@ -25,12 +25,21 @@ def test_group_commit_waits_default_and_come_from_the_environment(monkeypatch):
     assert Settings(group_commit_wait_ms=0, group_commit_linger_ms=0).group_commit_wait_ms == 0
 
 
+W, L = "group_commit_wait_ms (CITIZENCARD_GROUP_COMMIT_WAIT_MS)", "group_commit_linger_ms (CITIZENCARD_GROUP_COMMIT_LINGER_MS)"
+NOT_MS = "is not a number of milliseconds (digits 0-9 with an optional decimal point)"
+
+
 @pytest.mark.parametrize("wait, linger, message", [
-    ("abc", "1", "group_commit_wait_ms: 'abc' is not a number of milliseconds"),
-    ("5", "-1", "group_commit_linger_ms: -1.0 must be 0 to 100 ms"),
-    ("1000", "1", "group_commit_wait_ms: 1000.0 must be 0 to 100 ms"),
-    ("nan", "1", "group_commit_wait_ms: nan must be 0 to 100 ms"),
-    ("2", "3", "group_commit_linger_ms must not exceed group_commit_wait_ms"),
+    ("abc", "1", f"{W}: 'abc' {NOT_MS}"),
+    ("5", "-1", f"{L}: '-1' {NOT_MS}"),
+    ("1000", "1", f"{W}: 1000.0 must be 0 to 100 ms"),
+    ("nan", "1", f"{W}: 'nan' {NOT_MS}"),
+    ("inf", "1", f"{W}: 'inf' {NOT_MS}"),
+    ("5_0", "1", f"{W}: '5_0' {NOT_MS}"),
+    ("\u0663", "1", f"{W}: '\u0663' {NOT_MS}"),
+    ("1e2", "1", f"{W}: '1e2' {NOT_MS}"),
+    ("", "1", f"{W}: '' {NOT_MS}"),
+    ("2", "3", f"{L} must not exceed {W}"),
 ])
 def test_bad_group_commit_waits_are_refused_naming_the_setting(monkeypatch, wait, linger, message):
     monkeypatch.setenv("CITIZENCARD_GROUP_COMMIT_WAIT_MS", wait)
@@ -46,5 +55,7 @@ def test_the_server_refuses_a_bad_wait_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}",
                            "--port", "1"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip() == ("error: setting_invalid: group_commit_wait_ms: 'soon' is not a number of "
-                                   "milliseconds")
+    assert done.stderr.strip() == f"error: setting_invalid: {W}: 'soon' {NOT_MS}"
+    verify = subprocess.run([sys.executable, "-m", "api.cli", "ledger", "verify", "--db",
+                             f"sqlite:///{tmp_path / 'x.db'}"], env=env, capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 2 and verify.stderr.strip() == done.stderr.strip()  # the same line everywhere
