@@ -22,8 +22,9 @@ still being written, TigerBeetle-fashion:
   balance a decision read, a pending transfer was resolved, a duplicate key committed first, a
   key a refused entry found free was taken — nothing is
   written, the overlay is forgotten and that batch is applied again on the locking path
-  (:meth:`ledger.store.Ledger.submit_prepared`); later batches decided on it fail their check
-  the same way. Hooks run in the batch's transaction after its write, before COMMIT (and on
+  (:meth:`ledger.store.Ledger.submit_prepared`), in its own place in history (the ids and the
+  time it was decided with: later batches, decided on it, drew later ones); later batches
+  decided on it fail their check the same way when what they read moved. Hooks run in the batch's transaction after its write, before COMMIT (and on
   the locking path again if one raises). A batch with a refusal the write could not check (a
   hold's or a reversal target's state, an account or hold not found) takes the locking path
   directly, as does every batch on SQLite (one writer).
@@ -268,7 +269,8 @@ class GroupCommitter:
                     log.debug("speculative write refused; applying the batch with locks", exc_info=True)
                     self._forget_overlay()
                     self.fallbacks += 1
-                    self._commit(batch)
+                    # in its place in history: later batches were decided on it (and drew later ids)
+                    self._commit(batch, placed=spec)
                     return
                 self._trim_overlay()
                 self._deliver(batch, outcomes)
@@ -298,12 +300,14 @@ class GroupCommitter:
         if len(self._overlay) > OVERLAY_ACCOUNTS_MAX:
             self._forget_overlay()
 
-    def _commit(self, batch: list[_Request]) -> None:
-        """The locking path (``Ledger.submit_prepared``); a failing batch is re-run entry by
+    def _commit(self, batch: list[_Request], placed=None) -> None:
+        """The locking path (``Ledger.submit_prepared``, ``placed``: the batch's refused
+        speculation, whose place in history it keeps); a failing batch is re-run entry by
         entry so that an error reaches only the caller whose entry caused it."""
         try:
             outcomes = self.ledger.submit_prepared([r.prepared for r in batch],
-                                                   [r.hook for r in batch] if any(r.hook for r in batch) else None)
+                                                   [r.hook for r in batch] if any(r.hook for r in batch) else None,
+                                                   placed=placed)
         except BaseException as exc:  # not a business outcome: isolate the culprit
             if len(batch) == 1:
                 batch[0].error = exc

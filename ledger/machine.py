@@ -560,13 +560,14 @@ def _decided_on_exact(plan: Plan, acc_id: int, checked: list[tuple[int, int, int
     (``checked``) need only pass again, as an accepted entry's do: their slack is kept
     (:func:`_keep_slack`), so a pooled fund checked before a wallet that refused is not
     compared exactly, and another engine's writes to that fund do not void the batch. The holds
-    the entry posted or voided on the way (``resolutions``) were found pending: their accounts'
-    balances are compared exactly, which a hold resolved meanwhile changes (its pending part)."""
+    the entry posted or voided on the way (``resolutions``) were found pending, which no
+    balance comparison can confirm (an overlay's balances already count a batch in flight that
+    resolves the same hold; a hold voided and another opened for the same amount leave the
+    balances as they were): such a refusal is :attr:`Plan.unverifiable`."""
     plan.exact.add(acc_id)
     _keep_slack(plan, checked)
-    for hold, _state, _tord in resolutions:
-        plan.exact.add(hold.debit_id)
-        plan.exact.add(hold.credit_id)
+    if resolutions:
+        plan.unverifiable = True
 
 
 def _keep_slack(plan: Plan, checked: list[tuple[int, int, int]]) -> None:

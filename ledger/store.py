@@ -242,18 +242,23 @@ class Ledger:
         self._store.run(self.engine, work_pg, self.retries_max, with_sa=False, retry_on_unique=False)
 
     def submit_prepared(self, batch: Sequence[Prepared],
-                        hooks: Sequence[EntryHook | None] | None = None) -> list[EntryOutcome]:
+                        hooks: Sequence[EntryHook | None] | None = None, *,
+                        placed: "Speculation | None" = None) -> list[EntryOutcome]:
         """:meth:`submit_many` for entries already passed through :func:`ledger.machine.prepare`
-        (the group committer prepares in its callers' threads)."""
+        (the group committer prepares in its callers' threads). ``placed``: the speculation of
+        this very batch whose write was refused (PostgreSQL): the batch is decided again with
+        locks but keeps the place in history the speculation had — its ids and its time — so
+        that batches decided after it, on its plan, still come after it."""
         if all(p.failure is not None for p in batch):
             return [p.failure for p in batch]  # type: ignore[misc]
-        return self._run_batch(batch, hooks)[0]
+        return self._run_batch(batch, hooks, placed=placed)[0]
 
     def _run_batch(self, batch: Sequence[Prepared], hooks: Sequence[EntryHook | None] | None,
-                   extra_ids: Sequence[int] = ()) -> tuple[list[EntryOutcome], int]:
+                   extra_ids: Sequence[int] = (), *, placed: "Speculation | None" = None
+                   ) -> tuple[list[EntryOutcome], int]:
         """Run a batch in one transaction, retried as a whole; returns the outcomes and how
         many expired holds were voided on the way. ``extra_ids`` are more accounts to lock
-        (the sweeper's)."""
+        (the sweeper's); ``placed`` see :meth:`submit_prepared`."""
         lookups = _lookups(batch, extra_ids)
         if not any(h is not None for h in hooks or ()):
             hooks = None
@@ -280,7 +285,11 @@ class Ledger:
         n_transfers = sum(len(p.spec.transfers) for p in batch if p.failure is None)
 
         def work_pg(raw, conn: Connection | None, begin: str):
-            snap = self._store.begin_and_load(raw, begin, self.now_us(), *lookups, n_entries, n_transfers)
+            if placed is None:
+                snap = self._store.begin_and_load(raw, begin, self.now_us(), *lookups, n_entries, n_transfers)
+            else:  # the speculation's time, ids drawn for it (enough: it saw the same holds expire)
+                snap = self._store.begin_and_load(raw, begin, placed.snap.now_us, *lookups, 0, 0)
+                snap.entry_ids, snap.transfer_ids = placed.snap.entry_ids, placed.snap.transfer_ids
             plan, run_hooks = decide(snap)
             # Merged row inserts ride in the write's message when no other hook needs a turn.
             inline = run_hooks and not _needs_sa(hooks)

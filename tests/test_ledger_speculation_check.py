@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,11 +139,12 @@ def test_a_fund_moved_past_its_slack_before_a_refusal_refuses_the_write(w):
     assert w.balance("fund").debits_posted == 200
 
 
-def test_a_hold_resolved_meanwhile_under_a_refusal_refuses_the_write(w):
-    """An entry posts a hold on the fund, then is refused at the wallet. If another engine voids
-    that hold meanwhile, applied after it the entry fails at the hold instead: the hold's
-    accounts are compared exactly (its pending part moved), so the write is refused and the
-    entry, applied again with locks, gets the answer of the serial order."""
+def test_a_refusal_after_resolving_a_hold_is_decided_with_locks(w):
+    """An entry posts a hold on the fund, then is refused at the wallet. Whether that hold is
+    still pending when the batch is written, no balance comparison can tell (a batch in flight
+    that posts it is already in the overlay's balances; a hold voided and another opened for
+    the same amount leave them as they were): the batch is not speculated but decided with
+    locks, which answer as the serial order does."""
     from ledger.model import TransferFlags
 
     w.fund("fund", 1_000)
@@ -151,14 +153,15 @@ def test_a_hold_resolved_meanwhile_under_a_refusal_refuses_the_write(w):
     assert w.submit(hold).ok
     entry = w.entry(w.t("", "", 0, flags=TransferFlags.POST_PENDING, pending_key=hold.key),
                     w.t("fund", "merchant", 10), w.t("wallet", "merchant", 150))
-    spec = speculate(w, entry)
-    assert (spec.plan.results[0].failed_index, spec.plan.results[0].transfer_result) == (
-        2, TransferResult.EXCEEDS_CREDITS)
-    assert w.submit(w.t("", "", 0, flags=TransferFlags.VOID_PENDING, pending_key=hold.key)).ok
-    with pytest.raises(StaleReadError):
-        w.ledger.commit_speculation(spec)
+    # batch N, in flight, posts the hold; batch N+1 is decided on N's planned balances
+    overlay: dict = {}
+    first = w.ledger.speculate([prepare(w.entry(w.t("", "", 0, flags=TransferFlags.POST_PENDING,
+                                                    pending_key=hold.key)))], overlay)
+    overlay.update(first.planned_balances())
+    assert w.ledger.speculate([prepare(entry)], overlay) is None
+    assert [o.ok for o in w.ledger.commit_speculation(first)] == [True]
     again = w.ledger.submit(entry)
-    assert (again.failed_index, again.transfer_result) == (0, TransferResult.PENDING_TRANSFER_ALREADY_VOIDED)
+    assert (again.failed_index, again.transfer_result) == (0, TransferResult.PENDING_TRANSFER_ALREADY_POSTED)
 
 
 def test_a_key_taken_meanwhile_under_a_refusal_refuses_the_write(w):
@@ -186,6 +189,83 @@ def test_a_refusal_the_write_cannot_check_is_decided_with_locks(w):
         out = gc.submit(entry)
         assert out.transfer_result is TransferResult.PENDING_TRANSFER_NOT_FOUND
         assert gc.fallbacks == 0 and gc.speculated == 0
+
+
+def test_a_key_taken_by_a_writer_the_check_waited_for_refuses_the_write(w):
+    """The keys a refused entry found free are checked after the account locks are granted, so
+    a key stored by the very transaction the lock waited for is seen (READ COMMITTED: a
+    statement of its own, a snapshot taken after the wait)."""
+    import psycopg
+
+    w.fund("wallet", 100)
+    key = w.key("e")
+    refused = w.entry(w.t("wallet", "merchant", 150), key=key)
+    credit = w.entry(w.t("bank", "wallet2", 100))
+    spec = speculate(w, refused, credit)
+    assert spec.plan.absent_entry_keys == [key]
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_open(_conn, _outcome):
+        inside.set()
+        release.wait(10)
+
+    other: list = []  # stores the key, and asserts wallet2 is 0: it must come before our batch
+    writer = threading.Thread(target=lambda: other.append(w.ledger.submit(
+        w.entry(w.t("bank", "merchant", 5), key=key, assertions=(BalanceAssertion(w.n("wallet2"), 0),)), hold_open)))
+    writer.start()
+    assert inside.wait(10)
+    errors: list = []
+    committer = threading.Thread(target=lambda: _commit_into(w, spec, errors))
+    committer.start()
+    url = w.ledger.engine.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(500):
+            if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND datname = current_database()").fetchone()[0]:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the write never waited for the other writer's locks")
+    release.set()
+    writer.join(10)
+    committer.join(10)
+    assert other[0].ok
+    assert len(errors) == 1 and isinstance(errors[0], StaleReadError)
+    outcomes = w.ledger.submit_many([refused, credit])
+    assert outcomes[0].result is EntryResult.EXISTS_WITH_DIFFERENT_CONTENT and outcomes[1].ok
+
+
+def _commit_into(w, spec, errors: list) -> None:
+    try:
+        w.ledger.commit_speculation(spec)
+    except Exception as exc:
+        errors.append(exc)
+
+
+def test_a_batch_applied_again_keeps_its_place_before_the_batches_decided_on_it(w):
+    """Batch N (a credit to wallet2) fails its check and is applied again with locks; batch
+    N+1, decided on N's plan, spends that credit. N keeps the ids and time it was decided with,
+    so the spend comes after the credit in the history too: the wallet's statement never goes
+    below zero, nor its balance as of the spend."""
+    led = w.ledger
+    overlay: dict = {}
+    n = [prepare(w.entry(w.t("bank", "merchant", 1), assertions=(BalanceAssertion(w.n("fund"), 0),))),
+         prepare(w.entry(w.t("bank", "wallet2", 100)))]
+    first = led.speculate(n, overlay)
+    overlay.update(first.planned_balances())
+    second = led.speculate([prepare(w.entry(w.t("wallet2", "merchant", 100)))], overlay)
+    w.fund("fund", 5)  # another writer moves what N's assertion read
+    with pytest.raises(StaleReadError):
+        led.commit_speculation(first)
+    asserted, credit = led.submit_prepared(n, placed=first)  # as the group committer does
+    assert not asserted.ok and credit.ok
+    (spend,) = led.commit_speculation(second)
+    assert spend.ok
+    assert max(credit.transfer_ids) < min(spend.transfer_ids) and credit.timestamp_us <= spend.timestamp_us
+    assert all(line.balance_fen >= 0 for line in led.statement(w.n("wallet2")))
+    as_of = led.balance(w.n("wallet2"), as_of_us=spend.timestamp_us)
+    assert as_of.credits_posted - as_of.debits_posted == 0
+    assert led.verify() == []
 
 
 def test_two_engines_drain_one_limited_account_exactly(pg_url, w):
