@@ -21,17 +21,17 @@ Each statement comes in a lean variant (plain transfers: what nearly every batch
 one (pending transfers, posts, voids, expiries, reversals): the executor start-up of the full
 plan costs about twice the lean one on this kind of hardware.
 
-Locked account rows are read at their newest version (READ COMMITTED re-reads a row it had to
-wait for); everything else in statement 1 is read from the statement's snapshot, which may
-predate a concurrent commit it waited for. For an accepted entry that is safe because every
-decision taken on such a read is re-checked by the database when written: a duplicate entry,
-transfer key or reversal hits a unique index (the batch is retried and then replays or reports),
-and a pending transfer is resolved only ``WHERE state = 1`` with the count checked inside
-statement 2 (the guard aborts the transaction, so the pipelined COMMIT cannot commit, and the
-batch is retried). A refusal is not re-checked on this path: an entry refused (for a limit, say)
-by a batch that waited for a writer which, meanwhile, stored its key or resolved a hold it posts
-answers with that refusal, where the serial order would report the key or the hold. Nothing is
-written for it either way; see the issue notes (known, not yet fixed).
+Statement 1 reads everything but the locked account rows from its snapshot. So that this
+snapshot includes what the writers it waits for commit, the locks are taken first, by a
+statement of its own in the same message (``ledger_prelock_…``, the same accounts in the same
+order): statement 1 then starts after they were granted (READ COMMITTED: one snapshot per
+statement), and a refusal decided on its holds, keys or reversals is the serial order's. Every
+decision is also re-checked by the database when written: a duplicate entry, transfer key or
+reversal hits a unique index (the batch is retried and then replays or reports), and a pending
+transfer is resolved only ``WHERE state = 1`` with the count checked inside statement 2 (the
+guard aborts the transaction, so the pipelined COMMIT cannot commit, and the batch is retried) —
+which still matters for accounts statement 1 locks beyond the first statement's (a hold that
+expired in between).
 
 Ids come from the tables' sequences after the transaction took its transaction id;
 :func:`seal_watermark` relies on that to seal the hash chain only below ids whose transactions
@@ -217,6 +217,43 @@ SELECT CASE WHEN (SELECT count(*) FROM upd_a) = {P["n_acc"]}"""
     return sql
 
 
+def _prelock_sql(full: bool) -> str:
+    """Sent before statement 1 on the locking path, in the same message: lock the accounts
+    statement 1 will lock (the same set: named, given, the pending transfers' and the expired
+    holds' accounts; ascending id order). Under READ COMMITTED statement 1 then takes its
+    snapshot after every lock it needs was granted, so what it reads besides the locked rows —
+    holds, keys, reversals — includes what the writers it waited for committed, and a refusal
+    decided on it is the serial order's. Parameters: $1 names, $2 more account ids, $3 now (µs);
+    ``full`` adds $4 pending keys."""
+    name = f"ledger_prelock_{'full' if full else 'simple'}_{VERSION}"
+    types = "text[], bigint[], bigint" + (", text[]" if full else "")
+    pending_base = """
+    UNION SELECT t.debit_account_id FROM ledger_transfers t WHERE t.key = ANY($4)
+    UNION SELECT t.credit_account_id FROM ledger_transfers t WHERE t.key = ANY($4)""" if full else ""
+    return f"""
+PREPARE {name} ({types}) AS
+WITH base AS (
+    SELECT a.id FROM ledger_accounts a WHERE a.name = ANY($1)
+    UNION SELECT unnest($2){pending_base}
+),
+ex AS MATERIALIZED (
+    SELECT p.debit_account_id, p.credit_account_id
+    FROM ledger_pending p
+    WHERE p.state = 1 AND p.expires_ts <= $3
+      AND (p.debit_account_id IN (SELECT id FROM base) OR p.credit_account_id IN (SELECT id FROM base))
+),
+locked AS MATERIALIZED (
+    SELECT a.id FROM ledger_accounts a
+    WHERE a.id = ANY(ARRAY(SELECT id FROM base UNION SELECT debit_account_id FROM ex
+                           UNION SELECT credit_account_id FROM ex))
+    ORDER BY a.id
+    FOR UPDATE OF a
+)
+SELECT count(*) FROM locked
+"""
+
+
+PRELOCK_SIMPLE, PRELOCK_FULL = f"ledger_prelock_simple_{VERSION}", f"ledger_prelock_full_{VERSION}"
 LOCK_CAS = f"ledger_lock_check_{VERSION}"
 #: The speculative write's first statement: lock every account the batch read (once, ascending
 #: id order) and check what its decisions read of them (:class:`BalanceCheck`): the exact
@@ -259,6 +296,7 @@ PEEK_SIMPLE, PEEK_FULL = f"ledger_peek_simple_{VERSION}", f"ledger_peek_full_{VE
 WRITE_SIMPLE, WRITE_FULL = f"ledger_write_simple_{VERSION}", f"ledger_write_full_{VERSION}"
 STATEMENTS = {READ_SIMPLE: _read_sql(False), READ_FULL: _read_sql(True),
               PEEK_SIMPLE: _read_sql(False, lock=False), PEEK_FULL: _read_sql(True, lock=False),
+              PRELOCK_SIMPLE: _prelock_sql(False), PRELOCK_FULL: _prelock_sql(True),
               LOCK_CAS: LOCK_CAS_SQL, KEYS_FREE: KEYS_FREE_SQL,
               WRITE_SIMPLE: _write_sql(False), WRITE_FULL: _write_sql(True)}
 
@@ -516,7 +554,11 @@ class PgStore:
         if full:
             args += f", {text_array(pending_keys)}, {text_array(reverse_keys)}"
         statement = (READ_FULL if full else READ_SIMPLE) if lock else (PEEK_FULL if full else PEEK_SIMPLE)
-        res = execute(raw, f"{begin}EXECUTE {statement}({args})")[-1]
+        prelock = ""
+        if lock:
+            prelock = (f"EXECUTE {PRELOCK_FULL if full else PRELOCK_SIMPLE}({text_array(names)}, {_ints(ids)}, "
+                       f"{now_us}{', ' + text_array(pending_keys) if full else ''}); ")
+        res = execute(raw, f"{begin}{prelock}EXECUTE {statement}({args})")[-1]
         j_accounts, j_entries, j_transfers, j_expired = (
             None if (v := res.get_value(0, i)) is None else _loads(v) for i in range(4))
         accounts: dict[str, Account] = {}

@@ -195,8 +195,6 @@ def test_a_key_taken_by_a_writer_the_check_waited_for_refuses_the_write(w):
     """The keys a refused entry found free are checked after the account locks are granted, so
     a key stored by the very transaction the lock waited for is seen (READ COMMITTED: a
     statement of its own, a snapshot taken after the wait)."""
-    import psycopg
-
     w.fund("wallet", 100)
     key = w.key("e")
     refused = w.entry(w.t("wallet", "merchant", 150), key=key)
@@ -217,15 +215,7 @@ def test_a_key_taken_by_a_writer_the_check_waited_for_refuses_the_write(w):
     errors: list = []
     committer = threading.Thread(target=lambda: _commit_into(w, spec, errors))
     committer.start()
-    url = w.ledger.engine.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
-    with psycopg.connect(url, autocommit=True) as conn:
-        for _ in range(500):
-            if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                            "AND datname = current_database()").fetchone()[0]:
-                break
-            time.sleep(0.01)
-        else:
-            raise AssertionError("the write never waited for the other writer's locks")
+    _wait_for_a_lock_wait(w)
     release.set()
     writer.join(10)
     committer.join(10)
@@ -266,6 +256,66 @@ def test_a_batch_applied_again_keeps_its_place_before_the_batches_decided_on_it(
     as_of = led.balance(w.n("wallet2"), as_of_us=spend.timestamp_us)
     assert as_of.credits_posted - as_of.debits_posted == 0
     assert led.verify() == []
+
+
+@pytest.mark.parametrize("what", ["key", "hold"])
+def test_the_locking_path_decides_refusals_on_what_the_writers_it_waited_for_committed(w, what):
+    """Not speculation: the locking path (also every refused speculation's). A batch waits for a
+    writer that stores the key of, or posts the hold posted by, an entry the batch then refuses
+    at the wallet; the serial order reports the key or the hold, and so does the batch: it reads
+    holds and keys only once its locks are granted."""
+    from ledger.model import TransferFlags
+
+    w.fund("fund", 1_000)
+    w.fund("wallet", 100)
+    hold = w.t("fund", "merchant", 300, flags=TransferFlags.PENDING, timeout_s=3600)
+    assert w.submit(hold).ok
+    key = w.key("e")
+    assert_empty = (BalanceAssertion(w.n("wallet2"), 0),)  # so the other writer comes first
+    if what == "key":
+        refused = w.entry(w.t("wallet", "merchant", 150), key=key)
+        other = w.entry(w.t("bank", "merchant", 5), key=key, assertions=assert_empty)
+    else:
+        refused = w.entry(w.t("", "", 0, flags=TransferFlags.POST_PENDING, pending_key=hold.key),
+                          w.t("wallet", "merchant", 150))
+        other = w.entry(w.t("", "", 0, flags=TransferFlags.POST_PENDING, pending_key=hold.key), assertions=assert_empty)
+    credit = w.entry(w.t("bank", "wallet2", 100))
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_open(_conn, _outcome):
+        inside.set()
+        release.wait(10)
+
+    theirs: list = []
+    writer = threading.Thread(target=lambda: theirs.append(w.ledger.submit(other, hold_open)))
+    writer.start()
+    assert inside.wait(10)
+    ours: list = []
+    batch = threading.Thread(target=lambda: ours.extend(w.ledger.submit_many([refused, credit])))
+    batch.start()
+    _wait_for_a_lock_wait(w)
+    release.set()
+    writer.join(10)
+    batch.join(10)
+    assert theirs[0].ok and ours[1].ok
+    if what == "key":
+        assert ours[0].result is EntryResult.EXISTS_WITH_DIFFERENT_CONTENT
+    else:
+        assert (ours[0].failed_index, ours[0].transfer_result) == (0, TransferResult.PENDING_TRANSFER_ALREADY_POSTED)
+    assert w.ledger.verify() == []
+
+
+def _wait_for_a_lock_wait(w) -> None:
+    import psycopg
+
+    url = w.ledger.engine.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(500):
+            if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND datname = current_database()").fetchone()[0]:
+                return
+            time.sleep(0.01)
+    raise AssertionError("nothing ever waited for the other writer's locks")
 
 
 def test_two_engines_drain_one_limited_account_exactly(pg_url, w):
