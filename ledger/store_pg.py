@@ -82,25 +82,15 @@ _FATAL = pq.ExecStatus.FATAL_ERROR
 _loads = orjson.loads  # bigint columns and sums of them: within 64 bits
 
 
-def _read_sql(full: bool, lock: bool = True) -> str:
-    """Statement 1. Parameters: $1 names, $2 more account ids, $3 now (µs), $4 entry keys,
-    $5 transfer keys (and pending keys), $6 entries and $7 transfers to draw ids for; ``full``
-    adds $8 pending keys and $9 keys of entries to reverse. Without ``lock`` the accounts are
-    only read (the group committer's speculative read, validated by :data:`LOCK_CAS_SQL`)."""
-    name = f"ledger_{'read' if lock else 'peek'}_{'full' if full else 'simple'}_{VERSION}"
-    lock_clause = "\n    FOR UPDATE OF a" if lock else ""
-    types = "text[], bigint[], bigint, text[], text[], int, int" + (", text[], text[]" if full else "")
-    pending_base = """
-    UNION SELECT t.debit_account_id FROM ledger_transfers t WHERE t.key = ANY($8)
-    UNION SELECT t.credit_account_id FROM ledger_transfers t WHERE t.key = ANY($8)""" if full else ""
-    reversals = """,
-  (SELECT json_agg(json_build_array(e.key, e.id, e.reverses_entry_id IS NOT NULL,
-                   EXISTS (SELECT 1 FROM ledger_reversals r WHERE r.entry_id = e.id),
-                   t.debit_account_id, t.credit_account_id, t.amount, t.flags))
-   FROM ledger_entries e LEFT JOIN ledger_transfers t ON t.entry_id = e.id WHERE e.key = ANY($9))""" if full else ""
-    return f"""
-PREPARE {name} ({types}) AS
-WITH base AS (
+def _accounts_ctes(pending_param: str | None) -> str:
+    """``base`` (accounts named by $1, given by $2, and of the pending transfers keyed by
+    ``pending_param``) and ``ex`` (holds on them past their timeout at $3): the CTEs from which
+    statement 1 and the locking path's first statement work out the accounts to lock."""
+    pending_base = f"""
+    UNION SELECT t.debit_account_id FROM ledger_transfers t WHERE t.key = ANY({pending_param})
+    UNION SELECT t.credit_account_id FROM ledger_transfers t WHERE t.key = ANY({pending_param})""" \
+        if pending_param else ""
+    return f"""base AS (
     SELECT a.id FROM ledger_accounts a WHERE a.name = ANY($1)
     UNION SELECT unnest($2){pending_base}
 ),
@@ -109,7 +99,25 @@ ex AS MATERIALIZED (
     FROM ledger_pending p
     WHERE p.state = 1 AND p.expires_ts <= $3
       AND (p.debit_account_id IN (SELECT id FROM base) OR p.credit_account_id IN (SELECT id FROM base))
-),
+)"""
+
+
+def _read_sql(full: bool, lock: bool = True) -> str:
+    """Statement 1. Parameters: $1 names, $2 more account ids, $3 now (µs), $4 entry keys,
+    $5 transfer keys (and pending keys), $6 entries and $7 transfers to draw ids for; ``full``
+    adds $8 pending keys and $9 keys of entries to reverse. Without ``lock`` the accounts are
+    only read (the group committer's speculative read, validated by :data:`LOCK_CAS_SQL`)."""
+    name = f"ledger_{'read' if lock else 'peek'}_{'full' if full else 'simple'}_{VERSION}"
+    lock_clause = "\n    FOR UPDATE OF a" if lock else ""
+    types = "text[], bigint[], bigint, text[], text[], int, int" + (", text[], text[]" if full else "")
+    reversals = """,
+  (SELECT json_agg(json_build_array(e.key, e.id, e.reverses_entry_id IS NOT NULL,
+                   EXISTS (SELECT 1 FROM ledger_reversals r WHERE r.entry_id = e.id),
+                   t.debit_account_id, t.credit_account_id, t.amount, t.flags))
+   FROM ledger_entries e LEFT JOIN ledger_transfers t ON t.entry_id = e.id WHERE e.key = ANY($9))""" if full else ""
+    return f"""
+PREPARE {name} ({types}) AS
+WITH {_accounts_ctes("$8" if full else None)},
 locked AS MATERIALIZED (
     SELECT a.id, a.name, a.kind, a.ledger, a.flags, a.credit_limit,
            a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted
@@ -227,21 +235,9 @@ def _prelock_sql(full: bool) -> str:
     ``full`` adds $4 pending keys."""
     name = f"ledger_prelock_{'full' if full else 'simple'}_{VERSION}"
     types = "text[], bigint[], bigint" + (", text[]" if full else "")
-    pending_base = """
-    UNION SELECT t.debit_account_id FROM ledger_transfers t WHERE t.key = ANY($4)
-    UNION SELECT t.credit_account_id FROM ledger_transfers t WHERE t.key = ANY($4)""" if full else ""
     return f"""
 PREPARE {name} ({types}) AS
-WITH base AS (
-    SELECT a.id FROM ledger_accounts a WHERE a.name = ANY($1)
-    UNION SELECT unnest($2){pending_base}
-),
-ex AS MATERIALIZED (
-    SELECT p.debit_account_id, p.credit_account_id
-    FROM ledger_pending p
-    WHERE p.state = 1 AND p.expires_ts <= $3
-      AND (p.debit_account_id IN (SELECT id FROM base) OR p.credit_account_id IN (SELECT id FROM base))
-),
+WITH {_accounts_ctes("$4" if full else None)},
 locked AS MATERIALIZED (
     SELECT a.id FROM ledger_accounts a
     WHERE a.id = ANY(ARRAY(SELECT id FROM base UNION SELECT debit_account_id FROM ex
