@@ -24,8 +24,9 @@ still being written, TigerBeetle-fashion:
   written, the overlay is forgotten and that batch is applied again on the locking path
   (:meth:`ledger.store.Ledger.submit_prepared`), in its own place in history (the ids and the
   time it was decided with: later batches, decided on it, drew later ones); later batches
-  decided on it fail their check the same way when what they read moved. Hooks run in the batch's transaction after its write, before COMMIT (and on
-  the locking path again if one raises). A batch with a refusal the write could not check (a
+  decided on it fail their check the same way when what they read moved. Hooks run in the
+  batch's transaction after its write, before COMMIT (and on the locking path again if one
+  raises). A batch with a refusal the write could not check (a
   hold's or a reversal target's state, an account or hold not found) takes the locking path
   directly, as does every batch on SQLite (one writer).
 

@@ -237,12 +237,13 @@ class Plan:
     #: a balance assertion; refused for a limit or an overflow) …
     exact: set[int] = field(default_factory=set)
     #: … and, per limited account a check passed on (in an accepted entry, or in a refused one
-    #: before the account that refused it), the smallest slack left by those checks: [debit-side slack or None, credit-side slack or None] (fen; ``DMNEC``:
-    #: credits posted + limit - debits; ``CMNED``: debits posted + limit - credits). Every
-    #: acceptance still holds on balances that differ by less than that slack in the limit's
-    #: favour (and each refusal still comes from the same account, the checks before it
-    #: passing again). Other accounts' balances were not read by any decision: moved by anyone, the
-    #: batch's additive balance updates stay right.
+    #: before the account that refused it), the smallest slack left by those checks: [debit-side
+    #: slack or None, credit-side slack or None] (fen; ``DMNEC``: credits posted + limit -
+    #: debits; ``CMNED``: debits posted + limit - credits). Every acceptance still holds on
+    #: balances that differ by less than that slack in the limit's favour (and each refusal
+    #: still comes from the same account, the checks before it passing again). Other accounts'
+    #: balances were not read by any decision: moved by anyone, the batch's additive balance
+    #: updates stay right.
     slack: dict[int, list] = field(default_factory=dict)
     #: Keys a refused entry found free (its entry key, the keys of the transfers it got past):
     #: another writer storing one meanwhile would change that answer, so the write checks they
@@ -292,7 +293,10 @@ def _refusal_read(plan: Plan, p: Prepared, outcome: EntryOutcome) -> None:
 
     An entry refused for a limit or a balance assertion read balances (kept in :attr:`Plan.exact`
     and :attr:`Plan.slack` as it was decided) and found its keys free (kept here). Any other
-    refusal, or one of a reversal (the target's state), read what the write cannot check:
+    refusal, one of a reversal (the target's state), or a limit refusal of an entry that posts or
+    voids holds (found pending, which no balance comparison can confirm: an overlay's balances
+    already count a batch in flight resolving the same hold, and a hold voided and another opened
+    for the same amount leave them as they were) read what the write cannot check:
     :attr:`Plan.unverifiable`. A refusal for an idempotency conflict read a stored entry, which
     never changes."""
     spec = p.spec
@@ -302,11 +306,15 @@ def _refusal_read(plan: Plan, p: Prepared, outcome: EntryOutcome) -> None:
     if spec.reverses:
         plan.unverifiable = True
         return
-    if result is EntryResult.BALANCE_ASSERTION_FAILED or (
-            result is EntryResult.TRANSFER_FAILED and outcome.transfer_result in _LIMIT_RESULTS):
+    if result is EntryResult.BALANCE_ASSERTION_FAILED:
         plan.absent_entry_keys.append(spec.key)
-        if result is EntryResult.TRANSFER_FAILED:  # the limits are checked after every transfer
-            plan.absent_transfer_keys.extend(t.key for t in spec.transfers)
+        return
+    # The limits are checked after every transfer was taken: all its keys were found free, and
+    # all its holds resolved.
+    if (result is EntryResult.TRANSFER_FAILED and outcome.transfer_result in _LIMIT_RESULTS
+            and not any(t.flags & F_RESOLVING for t in spec.transfers)):
+        plan.absent_entry_keys.append(spec.key)
+        plan.absent_transfer_keys.extend(t.key for t in spec.transfers)
         return
     plan.unverifiable = True
 
@@ -492,13 +500,13 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
         debits = a.dp + dp + a.dpo + dpo
         credits = a.cp + cp + a.cpo + cpo
         if debits > BALANCE_MAX or credits > BALANCE_MAX:
-            _decided_on_exact(plan, acc_id, checked, resolutions)
+            _decided_on_exact(plan, acc_id, checked)
             i = min(debit_first.get(acc_id, n), credit_first.get(acc_id, n))
             return _failed(spec, i, TransferResult.OVERFLOWS_BALANCE, a.name)
         if a.flags & DMNEC and dp + dpo - cpo > 0:
             slack = a.cpo + cpo + a.credit_limit - debits
             if slack < 0:
-                _decided_on_exact(plan, acc_id, checked, resolutions)
+                _decided_on_exact(plan, acc_id, checked)
                 available = a.cpo + a.credit_limit - a.dp - a.dpo
                 return _failed(spec, debit_first[acc_id], TransferResult.EXCEEDS_CREDITS,
                                f"{a.name}: available {available}, entry needs {dp + dpo - cpo}"
@@ -507,7 +515,7 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
         if a.flags & CMNED and cp + cpo - dpo > 0:
             slack = a.dpo + dpo + a.credit_limit - credits
             if slack < 0:
-                _decided_on_exact(plan, acc_id, checked, resolutions)
+                _decided_on_exact(plan, acc_id, checked)
                 available = a.dpo + a.credit_limit - a.cp - a.cpo
                 return _failed(spec, credit_first[acc_id], TransferResult.EXCEEDS_DEBITS,
                                f"{a.name}: available {available}, entry needs {cp + cpo - dpo}")
@@ -553,21 +561,14 @@ def _entry(plan: Plan, snap: Snapshot, p: Prepared, index: int, posted: dict, ba
     return ("new", entry_ord, base_ord, n)
 
 
-def _decided_on_exact(plan: Plan, acc_id: int, checked: list[tuple[int, int, int]],
-                      resolutions: list[tuple[Hold, int, int]]) -> None:
+def _decided_on_exact(plan: Plan, acc_id: int, checked: list[tuple[int, int, int]]) -> None:
     """An entry is refused on account ``acc_id``'s balance: that refusal (its index and its
     detail) read that account's balances exactly. The limit checks the entry passed before it
     (``checked``) need only pass again, as an accepted entry's do: their slack is kept
     (:func:`_keep_slack`), so a pooled fund checked before a wallet that refused is not
-    compared exactly, and another engine's writes to that fund do not void the batch. The holds
-    the entry posted or voided on the way (``resolutions``) were found pending, which no
-    balance comparison can confirm (an overlay's balances already count a batch in flight that
-    resolves the same hold; a hold voided and another opened for the same amount leave the
-    balances as they were): such a refusal is :attr:`Plan.unverifiable`."""
+    compared exactly, and another engine's writes to that fund do not void the batch."""
     plan.exact.add(acc_id)
     _keep_slack(plan, checked)
-    if resolutions:
-        plan.unverifiable = True
 
 
 def _keep_slack(plan: Plan, checked: list[tuple[int, int, int]]) -> None:

@@ -844,7 +844,8 @@ class InsertRows(BatchedHook):
         self.rows = rows
         # Encoded here, in the caller's thread, not in the committer's (which is serial):
         # the elements of a JSON array, without the brackets.
-        self.doc = orjson.dumps(rows, default=_json_value, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS).decode()[1:-1]
+        self.doc = orjson.dumps(rows, default=_json_value,
+                                option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS).decode()[1:-1]
 
     @property
     def merge_key(self):

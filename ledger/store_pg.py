@@ -482,7 +482,8 @@ class PgStore:
                 execute(raw, sql)
         info["ledger_prepared"] = VERSION
 
-    def run(self, engine: Engine, work: Callable, retries_max: int, *, with_sa: bool, retry_on_unique: bool = True):
+    def run(self, engine: Engine, work: Callable, retries_max: int, *, with_sa: bool,
+            retry_on_unique: bool = True):
         """Call ``work(raw, sa_conn, begin)`` on a connection in autocommit mode (the statements
         carry BEGIN / COMMIT themselves; ``begin`` is the text that starts the transaction on
         that connection); retry retryable errors with the same inputs, at most ``retries_max``
@@ -505,7 +506,8 @@ class PgStore:
                 attempt += 1
                 if isinstance(exc, _Missing) and attempt < retries_max:
                     continue
-                if attempt >= retries_max or not (is_retryable(exc) or (retry_on_unique and is_ledger_key_violation(exc))):
+                retryable = is_retryable(exc) or (retry_on_unique and is_ledger_key_violation(exc))
+                if attempt >= retries_max or not retryable:
                     raise
                 time.sleep(min(0.002 * (2 ** attempt), RETRY_SLEEP_S_MAX))
 
@@ -659,8 +661,9 @@ class PgStore:
 def _drove_a_balance_negative(exc: BaseException) -> bool:
     """The write broke ``ck_ledger_accounts_balances_nonnegative``. A plan never takes a locked
     balance below zero, so the plan was made on a stale read: a hold it resolves was resolved
-    meanwhile by a transaction statement 1 waited for (statement 1 reads holds from its snapshot,
-    which predates that commit), and the account update ran before the hold guard could count.
+    meanwhile by a transaction the write waited for (the speculative read takes no locks; on the
+    locking path, statement 1 may still lock an account beyond the first statement's, a hold on
+    it having expired in between), and the account update ran before the hold guard could count.
     Retried like any stale read; the retry sees the hold resolved and answers so."""
     return getattr(exc, "sqlstate", None) == "23514" and "ck_ledger_accounts_balances_nonnegative" in str(exc)
 
