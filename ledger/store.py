@@ -174,7 +174,15 @@ class Ledger:
                                      created_ts=now))
                 out[i] = AccountResult.OK
             if new_rows:
-                conn.execute(insert(s.accounts), new_rows)
+                raced = _insert_absent_accounts(conn, new_rows)
+                if raced:  # created by a concurrent transaction since we looked: compare with theirs
+                    theirs = {}
+                    for row in conn.execute(select(s.accounts).where(s.accounts.c.name.in_(sorted(raced)))):
+                        theirs[row.name] = AccountSpec(row.name, AccountKind(row.kind), row.code, row.ledger,
+                                                       row.currency, AccountFlags(row.flags), row.credit_limit)
+                    for i, spec in enumerate(specs):
+                        if results[i] is None and spec.name in theirs:
+                            out[i] = _compare_account(theirs[spec.name], spec)
             return out  # type: ignore[return-value]
 
         if all(r is not None for r in results):
@@ -945,6 +953,23 @@ def _call_hooks(conn, raw, hooks, plan, outcomes: list[EntryOutcome]) -> None:
 def _expanding(name: str):
     from sqlalchemy import bindparam
     return bindparam(name, expanding=True)
+
+
+def _insert_absent_accounts(conn: Connection, rows: list[dict]) -> set[str]:
+    """Insert the account ``rows`` whose names are still free (``ON CONFLICT (name) DO NOTHING``)
+    and return the names that a concurrent transaction took first. A plain INSERT would fail
+    the whole transaction on such a race (it was retried; and psycopg logged a warning for the
+    aborted executemany pipeline each time)."""
+    if is_sqlite(conn.engine):
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    created: set[str] = set()
+    for chunk in _chunks(rows):
+        stmt = (dialect_insert(s.accounts).values(chunk)
+                .on_conflict_do_nothing(index_elements=[s.accounts.c.name]).returning(s.accounts.c.name))
+        created.update(conn.execute(stmt).scalars())
+    return {r["name"] for r in rows} - created
 
 
 def _chunks(items: list, size: int = SQL_IN_CHUNK_MAX):

@@ -171,3 +171,66 @@ def test_concurrent_post_and_void_of_one_hold_resolve_it_once(world, submit):
                                                                  TransferResult.PENDING_TRANSFER_ALREADY_VOIDED}
         assert world.balance("wallet").debits_pending == 0
     assert world.ledger.verify() == []
+
+
+def test_concurrent_account_creation_creates_each_once(world, caplog):
+    """Threads creating the same new accounts at once: each name is created by exactly one of
+    them (OK), the others are told it exists (EXISTS), or that it exists with other attributes;
+    nothing is retried as an error and no driver warning is logged (a plain INSERT used to abort
+    the transaction on such a race, and psycopg warned about the aborted pipeline)."""
+    from ledger.model import AccountKind, AccountResult, AccountSpec
+
+    caplog.set_level("WARNING")
+    names: list[str] = []
+
+    def create(i: int):
+        kind = AccountKind.ASSET if i == THREADS - 1 else AccountKind.LIABILITY  # the last one differs
+        return world.ledger.create_accounts([AccountSpec(n, kind) for n in names])
+
+    for _round in range(3):  # several rounds: one round often serialises by chance
+        names = [world.n(f"race{_round}-{i}") for i in range(20)]
+        outs = _race(THREADS, create)
+        for j in range(len(names)):
+            *alike, odd = [out[j] for out in outs]
+            assert sum(r is AccountResult.OK for r in [*alike, odd]) == 1, (alike, odd)
+            if odd is AccountResult.OK:  # the odd one created it: the others differ from it
+                assert set(alike) == {AccountResult.EXISTS_WITH_DIFFERENT_KIND}, alike
+            else:
+                assert odd is AccountResult.EXISTS_WITH_DIFFERENT_KIND
+                assert set(alike) <= {AccountResult.OK, AccountResult.EXISTS}, alike
+    assert not [r for r in caplog.records if r.name.startswith("psycopg")], caplog.records
+
+
+@pytest.mark.pg
+def test_account_created_meanwhile_is_compared_not_failed(pg_url):
+    """Deterministic form of the race on PostgreSQL: another transaction inserts the account
+    after ``create_accounts`` looked (uncommitted, then committed while our INSERT waits on it):
+    the answer compares with the row it created, and the call does not fail."""
+    import psycopg
+
+    from ledger.model import AccountKind, AccountResult, AccountSpec
+
+    engine = make_engine(pg_url, pool_size=4)
+    migrations.upgrade(engine)
+    w = World(engine)
+    plain = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    for theirs_kind, expected in ((AccountKind.LIABILITY, AccountResult.EXISTS),
+                                  (AccountKind.ASSET, AccountResult.EXISTS_WITH_DIFFERENT_KIND)):
+        name = w.n(f"meanwhile-{theirs_kind.value}")
+        other = psycopg.connect(plain)
+        try:
+            other.execute("INSERT INTO ledger_accounts (name, kind, code, ledger, currency, flags, credit_limit, "
+                          "debits_pending, debits_posted, credits_pending, credits_posted, created_ts) "
+                          "VALUES (%s, %s, 0, 1, 'CNY', 0, 0, 0, 0, 0, 0, 0)", (name, theirs_kind.value))
+            out: list = []
+            caller = threading.Thread(target=lambda: out.append(
+                w.ledger.create_accounts([AccountSpec(name, AccountKind.LIABILITY)])))
+            caller.start()
+            caller.join(1.0)
+            assert caller.is_alive()  # its INSERT waits on the other transaction's row
+            other.commit()
+            caller.join(30)
+        finally:
+            other.close()
+        assert out == [[expected]]
+    engine.dispose()
