@@ -1,7 +1,8 @@
 """Medical settlement throughput beside pgbench's TPC-B on the same PostgreSQL, in the same run.
 
     python -m benchmarks.settlement [--seconds 10] [--db postgresql://postgres@127.0.0.1:5432/postgres]
-                                    [--threads 16] [--persons 2000] [--card-share 0.5] [--compare-direct]
+                                    [--threads 16] [--processes N] [--persons 2000] [--card-share 0.5]
+                                    [--compare-direct]
 
 Creates a scratch database next to ``--db`` (dropped at the end), then measures for
 ``--seconds`` each:
@@ -12,6 +13,9 @@ Creates a scratch database next to ``--db`` (dropped at the end), then measures 
 * ``settlements_per_s``: :meth:`SettlementService.settle` called by ``--threads`` threads for
   ``--persons`` distinct insured persons at four clinics, on an engine bootstrapped with
   ``group_commit=True`` (the ledger's group committer, when it exists, batches the entries).
+  The threads are shared among ``--processes`` engine processes on the same database, one per
+  CPU by default: the engine is deployed that way (its Python holds one core per process), and
+  pgbench is given one client thread per CPU too (``-j 2`` on two).
   A share ``--card-share`` of the visits pays the cash part from the card wallet the way a
   cashier does it (pre-settle, the card's ARQC for the amount due, settle); the others pay it
   in cash at the counter. Each settlement is one ledger entry (fund, personal account, wallet
@@ -314,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--persons", type=int, default=2000, help="distinct insured persons")
     parser.add_argument("--card-share", type=float, default=0.5,
                         help="share of visits whose cash part the card wallet pays (pre-settle + ARQC)")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="engine processes sharing the database and the --threads (each its own committer)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="engine processes sharing the database and the --threads (each its own committer); "
+                             "default one per CPU, as the engine is deployed (pgbench gets -j 2 likewise)")
     parser.add_argument("--compare-direct", action="store_true",
                         help="also measure without the group committer (one transaction per settlement)")
     args = parser.parse_args(argv)
@@ -370,8 +375,8 @@ def print_table(figures: dict[str, float], ratios: dict[str, float], args) -> No
     described = {
         "split_per_s": "split_visit on HIS-simulator bills (1-8 lines), test policy P, one thread",
         "pgbench_tpcb": "pgbench -c 8 -j 2, TPC-B-like, scale 1",
-        "settlements_per_s": (f"SettlementService.settle, {args.threads} threads, {args.persons} persons, "
-                              f"{args.card_share:.0%} by card, group commit"),
+        "settlements_per_s": (f"SettlementService.settle, {args.threads} threads in {args.processes} engine "
+                              f"process(es), {args.persons} persons, {args.card_share:.0%} by card, group commit"),
         "batch_mean": "mean ledger entries per group-commit transaction",
         "pgbench_cpu_us_per_txn": "machine CPU (all cores) per TPC-B transaction: server and client",
         "pgbench_client_cpu_us_per_txn": "of which pgbench itself",
