@@ -327,6 +327,14 @@ class CatalogueItem:
                                 self.inpatient_only, self.insurance_only)
 
     @property
+    def restricts_visits(self) -> bool:
+        """True when the item is paid only for some visits: inpatients, a minimum hospital
+        level, one sex or an age range (the restrictions the engine checks; see
+        :func:`settlement.service.restriction_unmet`)."""
+        return bool(self.inpatient_only or self.hospital_level_min is not None or self.sex is not None
+                    or self.age_min is not None or self.age_max is not None)
+
+    @property
     def basic_insurance_payable(self) -> bool:
         """False when the item is listed only for work-injury or maternity insurance."""
         return self.insurance_only is None

@@ -129,7 +129,7 @@ def export_line_splits(lines: Sequence[LineSplit]) -> list[dict[str, Any]]:
     Shape per row: ``feedetl_sn``, ``hilist_code``, ``hilist_name``, ``chrgitm_lv`` ("01" /
     "02" / "03"), ``pric``, ``cnt``, ``selfpay_prop``, ``pric_uplmt_amt`` (string or absent),
     ``det_item_fee_sumamt``, ``fulamt_ownpay_amt``, ``overlmt_amt``, ``preselfpay_amt``,
-    ``inscp_scp_amt`` ("12.34").
+    ``inscp_scp_amt`` ("12.34"), ``memo`` (when the line has one: why it is wholly self-paid).
     """
     rows = []
     for line in lines:
@@ -142,6 +142,8 @@ def export_line_splits(lines: Sequence[LineSplit]) -> list[dict[str, Any]]:
             row["pric_uplmt_amt"] = line.pric_uplmt_amt
         for name in ("det_item_fee_sumamt", "fulamt_ownpay_amt", "overlmt_amt", "preselfpay_amt", "inscp_scp_amt"):
             row[name] = format_yuan(getattr(line, name))
+        if line.memo:
+            row["memo"] = line.memo
         rows.append(row)
     return rows
 

@@ -1,8 +1,8 @@
 """What a settlement reads before it decides, in one round trip.
 
 A settlement (NHSA 2207/2304) needs, before the pure split can run: whether the visit's charge
-batch or the message id is already taken (idempotency), the insured person's insurance type and
-retirement status, the balances of the person's accumulators and personal account, and — when
+batch or the message id is already taken (idempotency), the insured person's insurance type,
+retirement status, sex and birth date (the catalogue's restrictions), the balances of the person's accumulators and personal account, and — when
 the card pays — the card's status, holder, PAN sequence number and last accepted ATC.
 
 On PostgreSQL :func:`load_context` reads all of it with ONE server-side prepared statement on
@@ -14,6 +14,7 @@ ATC advances with a compare-and-set, and a taken key falls back to the full repl
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 import orjson
@@ -31,11 +32,14 @@ PAN_CHARS_MAX = 19
 
 @dataclass(frozen=True, slots=True)
 class CitizenRef:
-    """The insured person as the split needs them."""
+    """The insured person as the split needs them: ``gend`` (NHSA / GB/T 2261.1: "1" male, "2"
+    female) and ``brdy`` (birth date) decide the catalogue's sex and age restrictions."""
 
     psn_no: str
     insutype: str
     retired: bool
+    gend: str
+    brdy: dt.date
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +70,14 @@ class SettleContext:
 #: past its timeout or not, to leave out (two index probes per account saved; accumulators and
 #: personal accounts never hold).
 #: The four parts come back as one JSON array (one value to fetch and decode).
-_STATEMENT = "settle_context_v5"
+_STATEMENT = "settle_context_v6"
 _STATEMENTS = {_STATEMENT: f"""
 PREPARE {_STATEMENT} (text, text, text, text, text[], bigint, text) AS
 SELECT json_build_array(
   EXISTS (SELECT 1 FROM settlements s WHERE s.entry_key = $2)
   OR EXISTS (SELECT 1 FROM settlements s WHERE s.fixmedins_code = $1 AND s.msgid = $3)
   OR EXISTS (SELECT 1 FROM card_declines d WHERE d.org_code = $1 AND d.msgid = $3),
-  (SELECT json_build_array(c.insutype, c.retired) FROM citizens c WHERE c.psn_no = $4),
+  (SELECT json_build_array(c.insutype, c.retired, c.gend, c.brdy) FROM citizens c WHERE c.psn_no = $4),
   (SELECT json_agg(json_build_array(
       a.name, a.kind,
       CASE WHEN a.debits_pending = 0 THEN 0
@@ -116,8 +120,8 @@ def load_context(engine: Engine, *, org_code: str, entry_key: str, msgid: str, p
     taken, raw_citizen, raw_balances, raw_card = orjson.loads(res.get_value(0, 0))
     citizen = None
     if raw_citizen is not None:
-        insutype, retired = raw_citizen
-        citizen = CitizenRef(psn_no, insutype, bool(retired))
+        insutype, retired, gend, brdy = raw_citizen
+        citizen = CitizenRef(psn_no, insutype, bool(retired), gend, dt.date.fromisoformat(brdy))
     balances = {}
     for name, kind, dp, dpo, cp, cpo in raw_balances or ():
         balances[name] = Balance(name, _KINDS[kind], dp, dpo, cp, cpo)
@@ -140,13 +144,14 @@ def _load_sqlite(engine: Engine, org_code: str, entry_key: str, msgid: str, psn_
         exists().where(d.org_code == bindparam("org"), d.msgid == bindparam("msgid"))))
     with engine.connect() as conn:
         taken = bool(conn.execute(taken_q, {"org": org_code, "entry_key": entry_key, "msgid": msgid}).scalar())
-        row = conn.execute(select(citizens.c.insutype, citizens.c.retired)
+        row = conn.execute(select(citizens.c.insutype, citizens.c.retired, citizens.c.gend, citizens.c.brdy)
                            .where(citizens.c.psn_no == psn_no)).first()
         card_row = None
         if pan is not None:
             card_row = conn.execute(select(cards.c.psn_no, cards.c.pan_seq, cards.c.status, cards.c.last_atc)
                                     .where(cards.c.pan == pan)).first()
         balances = Ledger.balances_on(conn, account_names, now_us)
-    citizen = CitizenRef(psn_no, row.insutype, bool(row.retired)) if row is not None else None
+    citizen = (CitizenRef(psn_no, row.insutype, bool(row.retired), row.gend, row.brdy)
+               if row is not None else None)
     card = CardRef(pan, *card_row) if card_row is not None else None
     return SettleContext(taken, citizen, balances, card)

@@ -39,7 +39,8 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -53,10 +54,10 @@ from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryRe
                           TransferResult, TransferSpec)
 from ledger.store import InsertRows, Ledger
 from settlement import chart, declines
-from settlement.catalogue import Catalogue
+from settlement.catalogue import Catalogue, CatalogueItem
 from settlement.days import BusinessDays, DayOpen, book_on_open_day, is_day_closed
 from settlement.policy import INPATIENT_MED_TYPES, PolicyBook, PolicyNotFound
-from settlement.reads import SettleContext, load_context, usable_pan
+from settlement.reads import CitizenRef, SettleContext, load_context, usable_pan
 from settlement.schema import settlements
 from settlement.split import (BillLine, PersonState, SplitInputError, parse_bill_lines, partial_refund,
                               split_visit)
@@ -176,6 +177,46 @@ def refuse_refund_that_charges_more(original: dict, new) -> None:
                        f"patient {max(cash, own)} fen more than the whole bill did"
                        f"{' in cash or from the card' if cash > 0 else ' from the personal account'}; cancel the "
                        "settlement and settle the remaining lines anew")
+
+
+#: NHSA gend (GB/T 2261.1) -> the catalogue restriction's sex; "0" unknown and "9" unstated meet
+#: neither sex restriction
+_SEX_OF_GEND = {"1": "M", "2": "F"}
+_LEVEL_WORDS = {1: "一级", 2: "二级", 3: "三级"}
+
+
+def completed_years(born: dt.date, on: dt.date) -> int:
+    """Age in completed years on ``on`` (a birthday counts from its day; 29 February from 1 March
+    in a common year)."""
+    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+
+
+def restriction_unmet(item: CatalogueItem, *, inpatient: bool, hospital_tier: int, gend: str,
+                      age: int) -> str | None:
+    """Why this visit does not meet ``item``'s payment restriction (限定支付范围), as the line's
+    memo, or None when it meets it (or the item has none).
+
+    Checked, in this order, from the hints the catalogue parsed from the restriction text
+    (:func:`settlement.catalogue.parse_restriction`): inpatient only (限定就医方式:住院) against the
+    visit's med_type; the minimum hospital level (限…级及以上医疗机构) against the clinic's tier;
+    the sex (限女性 / 限男性) against the person's ``gend`` (a person of unknown sex meets neither);
+    the age range (限…岁) against ``age`` in completed years on the settlement's local date.
+    What the text restricts beyond these (indications, second-line use…) is the prescriber's to
+    attest and is not checked here. An item outside its restriction is not paid by the funds:
+    the caller makes the line wholly self-paid (class C, ``fulamt_ownpay_amt``)."""
+    if item.inpatient_only and not inpatient:
+        return "restriction not met: inpatients only (限定就医方式:住院); wholly self-paid"
+    if item.hospital_level_min is not None and hospital_tier < item.hospital_level_min:
+        return (f"restriction not met: {_LEVEL_WORDS.get(item.hospital_level_min, item.hospital_level_min)} "
+                f"hospitals and above, this clinic is tier {hospital_tier}; wholly self-paid")
+    if item.sex is not None and _SEX_OF_GEND.get(gend) != item.sex:
+        who = "women" if item.sex == "F" else "men"
+        return f"restriction not met: {who} only (限{'女' if item.sex == 'F' else '男'}性); wholly self-paid"
+    if (item.age_min is not None and age < item.age_min) or (item.age_max is not None and age > item.age_max):
+        span = (f"{item.age_min if item.age_min is not None else 0}–"
+                f"{item.age_max if item.age_max is not None else ''}")
+        return f"restriction not met: ages {span} only, the person is {age}; wholly self-paid"
+    return None
 
 
 def undo_key(setl_id: str) -> str:
@@ -356,7 +397,31 @@ class SettlementService:
 
     def insu_year(self) -> int:
         """Insurance year of now: the calendar year of the local date (Asia/Shanghai)."""
-        return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).year
+        return self.local_date().year
+
+    def local_date(self) -> dt.date:
+        """The engine clock's date in Asia/Shanghai."""
+        return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).date()
+
+    def _restricted(self, visit: Visit, ctx: TerminalContext, citizen: CitizenRef, policy) -> Visit:
+        """``visit`` with each catalogue line whose payment restriction this visit does not meet
+        (:func:`restriction_unmet`) made wholly self-paid: class C, the reason in its ``memo``.
+        The request hash stays the request's (the same request is the same request)."""
+        age = None
+        lines = list(visit.lines)
+        for i, line in enumerate(lines):
+            if line.chrgitm_lv == "C" or not line.hilist_code or line.hilist_code not in self.catalogue:
+                continue
+            item = self.catalogue.get(line.hilist_code)
+            if not item.restricts_visits:
+                continue
+            if age is None:
+                age = completed_years(citizen.brdy, self.local_date())
+            memo = restriction_unmet(item, inpatient=policy.is_inpatient, hospital_tier=ctx.hospital_tier,
+                                     gend=citizen.gend, age=age)
+            if memo is not None:
+                lines[i] = replace(line, chrgitm_lv="C", selfpay_prop=Decimal(0), pric_uplmt_amt=None, memo=memo)
+        return visit if age is None else replace(visit, lines=tuple(lines))
 
     def _accounts_for(self, citizen, year: int, mdtrt_id: str, policy) -> dict[str, str]:
         """The accounts a visit reads (:func:`_state_accounts`) and moves (plus the funds of
@@ -414,6 +479,7 @@ class SettlementService:
         names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         self.accounts.ensure(list(names.values()))
         state, _ = self._state_of(names, sc.balances)
+        visit = self._restricted(visit, ctx, citizen, policy)
         result = self._split(policy, state, visit)
         doc = result.to_dict()
         doc.update(msgid=visit.msgid, mdtrt_id=visit.mdtrt_id, chrg_bchno=visit.chrg_bchno,
@@ -521,6 +587,7 @@ class SettlementService:
                 raise declined
         citizen = self._citizen_of(sc, visit.psn_no)
         policy = self._policy(ctx, citizen, visit.med_type)
+        visit = self._restricted(visit, ctx, citizen, policy)
         names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         payable = chart.clinic_payable(ctx.org_code)
         self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
@@ -895,7 +962,8 @@ class SettlementService:
         if done is not None:
             return done
         orig_lines = parse_bill_lines([{k: v for k, v in line.items() if k in (
-            "feedetl_sn", "hilist_code", "name", "chrgitm_lv", "pric", "cnt", "selfpay_prop", "pric_uplmt_amt")
+            "feedetl_sn", "hilist_code", "name", "chrgitm_lv", "pric", "cnt", "selfpay_prop", "pric_uplmt_amt",
+            "memo")
             and v is not None} for line in json.loads(orig.lines)])
         units: dict[str, Any] = {}
         for i, item in enumerate(returns):

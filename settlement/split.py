@@ -220,7 +220,9 @@ class BillLine:
     ``pric`` is the unit price (yuan, ≥ 0, up to 6 decimals: 0.415 is fine), ``cnt`` the
     quantity (> 0, may be fractional), ``chrgitm_lv`` "A" | "B" | "C", ``selfpay_prop`` the
     class-B first self-pay ratio (0..1; must be 0 for class A; ignored for class C, which is
-    wholly self-paid), ``pric_uplmt_amt`` the unit price ceiling in yuan (None = no ceiling).
+    wholly self-paid), ``pric_uplmt_amt`` the unit price ceiling in yuan (None = no ceiling),
+    ``memo`` the 2204 remark (备注; the engine says there why a catalogue item became wholly
+    self-paid, see :func:`settlement.service.restriction_unmet`).
     str / int values are converted to Decimal.  Raises :class:`SplitInputError` "field: reason".
     """
 
@@ -232,6 +234,7 @@ class BillLine:
     name: str = ""
     selfpay_prop: Decimal = Decimal(0)
     pric_uplmt_amt: Decimal | None = None
+    memo: str = ""
 
     def __post_init__(self) -> None:
         sn = self.feedetl_sn
@@ -243,6 +246,7 @@ class BillLine:
         object.__setattr__(self, "feedetl_sn", sn)
         _line_text(self.hilist_code, "hilist_code", TEXT_CHARS_MAX)
         _line_text(self.name, "name", TEXT_CHARS_MAX)
+        _line_text(self.memo, "memo", TEXT_CHARS_MAX)
         if self.chrgitm_lv not in CHRGITM_LVS:
             raise SplitInputError(f"chrgitm_lv: {self.chrgitm_lv!r} is not a charge item class (A, B or C)")
         pric = _decimal(self.pric, "pric", PRIC_DECIMALS_MAX)
@@ -313,7 +317,8 @@ _PERSON_FIELDS = _field_names(PersonState)
 
 @dataclass(frozen=True, slots=True)
 class LineSplit:
-    """The split of one line, NHSA 2204 output names; amounts int fen, pric / cnt as strings."""
+    """The split of one line, NHSA 2204 output names; amounts int fen, pric / cnt as strings;
+    ``memo`` the line's remark ("" for none; left out of :meth:`to_dict` then)."""
 
     feedetl_sn: str
     hilist_code: str
@@ -328,10 +333,15 @@ class LineSplit:
     overlmt_amt: int
     preselfpay_amt: int
     inscp_scp_amt: int
+    memo: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (amounts int fen; pric, cnt, selfpay_prop, pric_uplmt_amt strings)."""
-        return {name: getattr(self, name) for name in _field_names(type(self))}
+        """JSON-ready dict (amounts int fen; pric, cnt, selfpay_prop, pric_uplmt_amt strings;
+        ``memo`` only when there is one)."""
+        out = {name: getattr(self, name) for name in _field_names(type(self))}
+        if not self.memo:
+            del out["memo"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,7 +444,7 @@ def split_line(line: BillLine) -> LineSplit:
         selfpay_prop=str(line.selfpay_prop),
         pric_uplmt_amt=None if line.pric_uplmt_amt is None else str(line.pric_uplmt_amt),
         det_item_fee_sumamt=sumamt, fulamt_ownpay_amt=fulamt, overlmt_amt=overlmt,
-        preselfpay_amt=preselfpay, inscp_scp_amt=inscp)
+        preselfpay_amt=preselfpay, inscp_scp_amt=inscp, memo=line.memo)
 
 
 def admission_deductible_fen(policy: Policy, admission_no: int) -> int:
@@ -603,7 +613,7 @@ def parse_bill_lines(raw: Any, *, where: str = "bill") -> list[BillLine]:
             if name not in item:
                 raise SplitInputError(f"{label}.{name}: missing")
         values = dict(item)
-        for name in ("selfpay_prop", "pric_uplmt_amt", "hilist_code", "name"):
+        for name in ("selfpay_prop", "pric_uplmt_amt", "hilist_code", "name", "memo"):
             if name in values and values[name] is None:
                 del values[name]  # JSON null: the field's default
         try:

@@ -27,7 +27,7 @@ def catalogue_bill(engine) -> list[dict]:
     items = list(load_catalogue(engine.catalogue_path))
     pick = {}
     for item in items:
-        if item.chrgitm_lv not in pick and item.basic_insurance_payable and not item.hints.inpatient_only:
+        if item.chrgitm_lv not in pick and item.basic_insurance_payable and not item.restricts_visits:
             pick[item.chrgitm_lv] = item
     lines = []
     for n, lv in enumerate(("A", "B", "C"), start=1):

@@ -102,7 +102,7 @@ class Items:
 
 
 def catalogue_items(path: Path) -> Items:
-    usable = [i for i in load_catalogue(path) if i.basic_insurance_payable and not i.inpatient_only]
+    usable = [i for i in load_catalogue(path) if i.basic_insurance_payable and not i.restricts_visits]
     return Items(
         a=tuple(i for i in usable if i.chrgitm_lv == "A" and i.pric_uplmt_amt is None),
         b=tuple(i for i in usable if i.chrgitm_lv == "B" and i.pric_uplmt_amt is None and i.selfpay_prop > 0),
@@ -367,7 +367,7 @@ def remaining_lines(lines: list[BillLine], returns: dict[str, Decimal]) -> list[
 
 # ============================================================================== tests
 def test_presettlement_moves_no_money_and_changes_no_accumulator(world):
-    p = world.add_person(wallet_fen=50_000)
+    p = world.add_person(wallet_fen=100_000)
     world.settle(p, world.bill(("A", "120.00", "2")))  # some deductible already used this year
     bill = world.bill(("A", "250.00", "2"), ("B", "88.80", "3"), ("C", "45.80", "1"))
     v = world.visit(p, bill, method="card")
