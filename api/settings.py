@@ -132,8 +132,8 @@ class Settings:
         path = self.resolved_keys_file()
         if not path.exists():
             if not self.create_keys:
-                raise Invalid("keys_missing", f"{path} does not exist; run `citizencard day` or "
-                              "`citizencard keys init` to create one")
+                raise Invalid("keys_missing", f"{path} does not exist; `citizencard day` or `citizencard city` "
+                              "creates it (run it with the same --db and CITIZENCARD_KEYS)")
             path.parent.mkdir(parents=True, exist_ok=True)
             key = Ed25519PrivateKey.generate()
             doc = {"issuer_mk_hex": secrets.token_hex(16),

@@ -59,3 +59,33 @@ def test_the_server_refuses_a_bad_wait_in_one_line(tmp_path):
     verify = subprocess.run([sys.executable, "-m", "api.cli", "ledger", "verify", "--db",
                              f"sqlite:///{tmp_path / 'x.db'}"], env=env, capture_output=True, text=True, timeout=120)
     assert verify.returncode == 2 and verify.stderr.strip() == done.stderr.strip()  # the same line everywhere
+
+
+def test_a_missing_keys_file_names_commands_that_exist(tmp_path):
+    """The hint names commands the CLI has (there is no ``citizencard keys``), which create the file."""
+    import re
+
+    import typer
+
+    from api.cli import app
+
+    db = tmp_path / "x.db"
+    with pytest.raises(Invalid) as exc:
+        Settings(db_url=f"sqlite:///{db}").load_keys()
+    assert exc.value.code == "keys_missing"
+    named = re.findall(r"`citizencard ([a-z ]+)`", exc.value.detail)
+    assert named == ["day", "city"]
+    commands = typer.main.get_command(app).commands
+    assert all(name.split()[0] in commands for name in named)
+    assert not Path(f"{db}.keys.json").exists()  # a server never invents secrets
+
+
+def test_the_server_without_its_keys_file_says_so_in_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("CITIZENCARD_KEYS", None)
+    done = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}",
+                           "--port", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    line = done.stderr.strip()
+    assert "\n" not in line and line.startswith(f"error: keys_missing: {tmp_path / 'x.db'}.keys.json does not exist")
+    assert "`citizencard day` or `citizencard city`" in line and "keys init" not in line
