@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from api.bootstrap import Container
 from api.errors import PROBLEM_MEDIA_TYPE, from_domain, plain_problem_response, problem, problem_body
@@ -103,7 +104,8 @@ def create_app(container: Container) -> FastAPI:
                                               f"the body is over {BODY_BYTES_MAX} bytes"))
 
     async def read_body(request: Request) -> bytes | None:
-        """The body, or None as soon as it grows past BODY_BYTES_MAX (never buffered whole)."""
+        """The body, or None as soon as it grows past BODY_BYTES_MAX (never buffered whole).
+        Raises ClientDisconnect when the client goes away before the body ends."""
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > BODY_BYTES_MAX):
             return None
@@ -117,7 +119,17 @@ def create_app(container: Container) -> FastAPI:
 
     async def handle(request: Request, work: Callable[[TerminalContext, Any], Any], *,
                      status: int = 200, json_body: bool = True) -> Response:
-        body = await read_body(request)
+        try:
+            body = await read_body(request)
+        except ClientDisconnect:
+            # The client sent part of its body and left: nothing was checked or done, and nobody
+            # is there to read an answer (the server drops it). One line, no traceback: any
+            # client can do this at will.
+            log.info("client %s left before the end of the body of %s %r; nothing done",
+                     request.client.host if request.client else "?", request.method, request.url.path)
+            return plain_problem_response(problem(400, "body_incomplete", "Incomplete request",
+                                                  "the client disconnected before the end of the body",
+                                                  instance=request.url.path))
         if body is None:
             return too_large()
         ctx_holder: dict = {}

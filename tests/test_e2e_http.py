@@ -522,3 +522,45 @@ def test_a_declined_merchant_payment_sent_again_answers_its_decline(eng):
     assert other.value.status == 409
     moved = {k: v for k, v in ledger_snapshot(eng).items() if v != (0, 0, 0, 0)}
     assert moved == {k: v for k, v in snap.items() if v != (0, 0, 0, 0)}  # accounts opened, nothing moved
+
+
+def test_a_client_gone_mid_body_is_one_line_at_most_never_a_traceback(eng, caplog):
+    """A client that sends part of its body and disconnects: nothing to answer, nothing posted,
+    at most one log line below ERROR, no traceback (any client could otherwise fill the log)."""
+    import asyncio
+    import logging
+
+    from api.app import create_app
+
+    eng.channel.recharge("TH000001R0076", eng.card.pan, 100_000)
+    v = visit(eng, 76)
+    v["payment"] = eng.card_payment(eng.clinic.presettle(v)["setlinfo"]["psn_cash_pay"])
+    body = json.dumps(v).encode()
+    url = eng.base_url + "/v1/settlements"
+    headers = {"content-type": "application/json", "content-length": str(len(body))}
+    headers.update(sign_request("POST", url, headers, body, key_id="TC000001", private_key=eng.clinic_key,
+                                created=int(time.time()), nonce=f"n{time.time_ns()}"))
+    host = url.split("/")[2]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/settlements", "raw_path": b"/v1/settlements", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 50000), "server": (host.split(":")[0], int(host.split(":")[1])),
+             "headers": [(b"host", host.encode())] + [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    messages = [{"type": "http.request", "body": body[:len(body) // 2], "more_body": True},
+                {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(_message):
+        pass
+
+    snap = ledger_snapshot(eng)
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(create_app(eng.container)(scope, receive, send))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert len([r for r in caplog.records if r.name.startswith("citizencard")]) <= 1
+    assert ledger_snapshot(eng) == snap
+    from ledger.errors import NotFound
+    with pytest.raises(NotFound):
+        eng.container.settlements.query_by_msgid(eng.container.registry.lookup("TC000001")[1], v["msgid"])
+    assert eng.clinic.settle(v)["replayed"] is False  # the whole message, sent again, settles once
