@@ -110,7 +110,7 @@ def bootstrap(settings: Settings, *, clock=clock_us) -> Container:
     cards = CardService(engine, ledger, keys.issuer_mk, nonce_store, clock)
     settlements = SettlementService(engine, ledger, submit, cards, policies, catalogue, days, accounts, clock)
     wallet = WalletService(engine, submit, cards, days, accounts, clock)
-    registry = Registry(engine, clock)
+    registry = Registry(engine, clock, cache_s=settings.terminal_cache_s)
     closer = DayCloser(engine, ledger, submit, days, accounts, clock)
     return Container(settings, engine, ledger, keys, nonce_store, cards, settlements, wallet, registry, days,
                      closer, accounts, committer)

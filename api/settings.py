@@ -12,12 +12,18 @@ Values come from keyword arguments or ``CITIZENCARD_*`` environment variables:
 | ``public_origin`` | ``CITIZENCARD_PUBLIC_ORIGIN`` | none: the URL the request arrived on |
 | ``group_commit_wait_ms`` | ``CITIZENCARD_GROUP_COMMIT_WAIT_MS`` | 5: longest a ledger entry waits for others to share its commit |
 | ``group_commit_linger_ms`` | ``CITIZENCARD_GROUP_COMMIT_LINGER_MS`` | 1.5: how long a gathering batch waits for one more entry (0: it does not wait) |
+| ``terminal_cache_s`` | ``CITIZENCARD_TERMINAL_CACHE_S`` | 5: longest an engine process keeps a terminal's key and status without reading them again, so the longest a terminal blocked by another process still has its requests accepted (0 to 60; 0: read on every request) |
 
 The group commit's two waits trade a few milliseconds of a settlement's latency (at most
 ``group_commit_wait_ms``) for fewer, larger transactions when the engine is busy: on the 2-core
 machine of ``benchmarks/README.md``, 5 / 1.5 ms instead of 2 / 0.3 ms made batches of about 8.5
 entries instead of 5.6 and cut the CPU per settlement by 8 % with one engine process, and by 16 %
 (+13 % settlements per second) with two.
+
+Each engine process keeps the key and status of the terminals that signed its requests for
+``terminal_cache_s`` (one indexed read per terminal per period instead of one per request): a
+terminal blocked by any process is refused by every engine process at most that many seconds
+after the block commits (at once by the process that blocked it).
 
 The keys file holds the issuer master key (EMV) and the engine's Ed25519 signing key. It is
 created only when ``create_keys`` is set (the embedded demo); a server never invents secrets.
@@ -44,10 +50,18 @@ GROUP_COMMIT_WAIT_MS = 5.0
 GROUP_COMMIT_LINGER_MS = 1.5
 #: bound of both group-commit waits (a settlement's latency)
 GROUP_COMMIT_WAIT_MS_MAX = 100.0
-#: a number of milliseconds as the environment gives it: ASCII digits, an optional fraction
-_MS_TEXT = re.compile(r"[0-9]{1,6}(?:\.[0-9]{0,6})?|\.[0-9]{1,6}", re.ASCII)
+TERMINAL_CACHE_S = 5.0
+#: bound of ``terminal_cache_s`` (how late a block may take effect in another process)
+TERMINAL_CACHE_S_MAX = 60.0
+#: a number as the environment gives it: ASCII digits, an optional fraction
+_NUMBER_TEXT = re.compile(r"[0-9]{1,6}(?:\.[0-9]{0,6})?|\.[0-9]{1,6}", re.ASCII)
 _ENV = {"group_commit_wait_ms": "CITIZENCARD_GROUP_COMMIT_WAIT_MS",
-        "group_commit_linger_ms": "CITIZENCARD_GROUP_COMMIT_LINGER_MS"}
+        "group_commit_linger_ms": "CITIZENCARD_GROUP_COMMIT_LINGER_MS",
+        "terminal_cache_s": "CITIZENCARD_TERMINAL_CACHE_S"}
+#: the numeric settings: (unit, unit's symbol, largest value); the smallest is 0
+_NUMBERS = {"group_commit_wait_ms": ("milliseconds", "ms", GROUP_COMMIT_WAIT_MS_MAX),
+            "group_commit_linger_ms": ("milliseconds", "ms", GROUP_COMMIT_WAIT_MS_MAX),
+            "terminal_cache_s": ("seconds", "s", TERMINAL_CACHE_S_MAX)}
 GROUP_COMMIT_ENTRIES_MAX = 512
 
 
@@ -79,20 +93,21 @@ class Settings:
     group_commit: bool = True
     group_commit_wait_ms: float = GROUP_COMMIT_WAIT_MS
     group_commit_linger_ms: float = GROUP_COMMIT_LINGER_MS
+    terminal_cache_s: float = TERMINAL_CACHE_S
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("group_commit_wait_ms", "group_commit_linger_ms"):
+        for name, (unit, symbol, largest) in _NUMBERS.items():
             value = getattr(self, name)
             label = f"{name} ({_ENV[name]})"
             if isinstance(value, str):
-                if not _MS_TEXT.fullmatch(value.strip()):
-                    raise Invalid("setting_invalid", f"{label}: {value!r} is not a number of milliseconds "
+                if not _NUMBER_TEXT.fullmatch(value.strip()):
+                    raise Invalid("setting_invalid", f"{label}: {value!r} is not a number of {unit} "
                                   "(digits 0-9 with an optional decimal point)")
                 value = float(value)
                 object.__setattr__(self, name, value)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= GROUP_COMMIT_WAIT_MS_MAX:
-                raise Invalid("setting_invalid", f"{label}: {value!r} must be 0 to {GROUP_COMMIT_WAIT_MS_MAX:g} ms")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= largest:
+                raise Invalid("setting_invalid", f"{label}: {value!r} must be 0 to {largest:g} {symbol}")
         if self.group_commit_linger_ms > self.group_commit_wait_ms:
             raise Invalid("setting_invalid", f"group_commit_linger_ms ({_ENV['group_commit_linger_ms']}) must not "
                           f"exceed group_commit_wait_ms ({_ENV['group_commit_wait_ms']})")
@@ -110,6 +125,7 @@ class Settings:
             public_origin=env.get("CITIZENCARD_PUBLIC_ORIGIN", ""),
             group_commit_wait_ms=env.get("CITIZENCARD_GROUP_COMMIT_WAIT_MS", cls.group_commit_wait_ms),
             group_commit_linger_ms=env.get("CITIZENCARD_GROUP_COMMIT_LINGER_MS", cls.group_commit_linger_ms),
+            terminal_cache_s=env.get("CITIZENCARD_TERMINAL_CACHE_S", cls.terminal_cache_s),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

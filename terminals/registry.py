@@ -1,14 +1,21 @@
 """Registry of organisations (clinics, merchants, recharge channels) and their terminals.
 
 A terminal is enrolled with its own Ed25519 public key; its ``terminal_id`` (8 printable
-characters, EMV tag 9F1C) is the ``keyid`` of its RFC 9421 signatures. Blocking a terminal
-makes its signatures unknown at once.
+characters, EMV tag 9F1C) is the ``keyid`` of its RFC 9421 signatures.
+
+Each :class:`Registry` (one per engine process) keeps an active terminal's key and context for
+at most ``cache_s`` seconds (the ``terminal_cache_s`` setting) on its monotonic clock, counted
+from before the read that found them. So a terminal blocked through any Registry on the same
+database is unknown to every other one at most ``cache_s`` seconds after the block commits,
+and to the Registry that blocked it at once. A request whose signature was checked before that
+is not stopped.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -24,12 +31,21 @@ ORG_KINDS = ("clinic", "merchant", "channel")
 
 
 class Registry:
-    """Organisations and terminals on one database, with a small cache of active keys."""
+    """Organisations and terminals on one database, with a cache of active keys that each
+    entry leaves ``cache_s`` seconds after it was read (see the module docstring)."""
 
-    def __init__(self, engine: Engine, clock_us: Callable[[], int]) -> None:
+    def __init__(self, engine: Engine, clock_us: Callable[[], int], *, cache_s: float,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``clock_us`` stamps the rows written; ``monotonic`` (seconds) times the cache;
+        ``cache_s`` 0 reads the terminal's row on every lookup."""
         self.engine = engine
         self.clock_us = clock_us
-        self._cache: dict[str, tuple[Ed25519PublicKey, TerminalContext]] = {}
+        self.cache_s = cache_s
+        self.monotonic = monotonic
+        #: terminal_id -> (expiry on the monotonic clock, key, context)
+        self._cache: dict[str, tuple[float, Ed25519PublicKey, TerminalContext]] = {}
+        #: bumped by every block of this Registry: a lookup that read before it stores nothing
+        self._generation = 0
         self._lock = threading.Lock()
 
     def add_org(self, *, code: str, kind: str, name: str, hospital_tier: int | None = None) -> bool:
@@ -71,30 +87,41 @@ class Registry:
             return True
 
     def block(self, terminal_id: str) -> None:
-        """Block a terminal: its signatures stop verifying at once."""
+        """Block a terminal: once this returns, its signatures no longer verify through this
+        Registry, and through any other Registry on the database within its ``cache_s``."""
         with write_connection(self.engine) as conn:
             conn.execute(update(terminals).where(terminals.c.terminal_id == terminal_id).values(status="blocked"))
         with self._lock:
+            self._generation += 1
             self._cache.pop(terminal_id, None)
 
     def lookup(self, terminal_id: str) -> tuple[Ed25519PublicKey, TerminalContext] | None:
-        """The active terminal's public key and context, or None (unknown or blocked)."""
+        """The active terminal's public key and context, or None (unknown or blocked). Served
+        from the cache while the entry is younger than ``cache_s``; read from the database
+        otherwise (a terminal blocked meanwhile, by any process, is then None)."""
+        now = self.monotonic()
         with self._lock:
             hit = self._cache.get(terminal_id)
-        if hit is not None:
-            return hit
+            generation = self._generation
+        if hit is not None and now < hit[0]:
+            return hit[1], hit[2]
         with self.engine.connect() as conn:
             row = conn.execute(select(terminals.c.terminal_id, terminals.c.public_key, terminals.c.status,
                                       orgs.c.code, orgs.c.kind, orgs.c.hospital_tier)
                                .select_from(terminals.join(orgs, orgs.c.code == terminals.c.org_code))
                                .where(terminals.c.terminal_id == terminal_id)).first()
         if row is None or row.status != "active":
+            if hit is not None:
+                with self._lock:
+                    self._cache.pop(terminal_id, None)
             return None
-        value = (Ed25519PublicKey.from_public_bytes(bytes.fromhex(row.public_key)),
-                 TerminalContext(row.terminal_id, row.code, row.kind, row.hospital_tier))
-        with self._lock:
-            self._cache[terminal_id] = value
-        return value
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(row.public_key))
+        ctx = TerminalContext(row.terminal_id, row.code, row.kind, row.hospital_tier)
+        if self.cache_s > 0:
+            with self._lock:
+                if self._generation == generation:  # no block of this Registry since the read began
+                    self._cache[terminal_id] = (now + self.cache_s, key, ctx)
+        return key, ctx
 
     def orgs(self) -> list:
         """Every organisation row."""

@@ -564,3 +564,25 @@ def test_a_client_gone_mid_body_is_one_line_at_most_never_a_traceback(eng, caplo
     with pytest.raises(NotFound):
         eng.container.settlements.query_by_msgid(eng.container.registry.lookup("TC000001")[1], v["msgid"])
     assert eng.clinic.settle(v)["replayed"] is False  # the whole message, sent again, settles once
+
+
+def test_a_terminal_blocked_by_another_process_is_refused_within_the_cache_bound(eng, monkeypatch):
+    """Another process (its own engine and Registry on the same database) blocks the clinic's
+    terminal: the serving engine, which has the key cached, refuses its requests once
+    ``terminal_cache_s`` has passed on its clock (moved by hand here, not slept)."""
+    from ledger.db import make_engine
+    from terminals.registry import Registry
+
+    registry = eng.container.registry
+    now = [registry.monotonic()]
+    monkeypatch.setattr(registry, "monotonic", lambda: now[0])
+    eng.clinic.presettle(visit(eng, 77))  # the key is now cached
+    other = make_engine(eng.container.settings.db_url)
+    try:
+        Registry(other, lambda: 1, cache_s=0).block("TC000001")
+    finally:
+        other.dispose()
+    now[0] += eng.container.settings.terminal_cache_s
+    with pytest.raises(EngineError) as refused:
+        eng.clinic.presettle(visit(eng, 77))
+    assert (refused.value.status, refused.value.code) == (401, "unknown_key")

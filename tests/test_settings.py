@@ -89,3 +89,21 @@ def test_the_server_without_its_keys_file_says_so_in_one_line(tmp_path):
     line = done.stderr.strip()
     assert "\n" not in line and line.startswith(f"error: keys_missing: {tmp_path / 'x.db'}.keys.json does not exist")
     assert "`citizencard day` or `citizencard city`" in line and "keys init" not in line
+
+
+def test_the_terminal_cache_defaults_to_5_s_comes_from_the_environment_and_is_bounded(monkeypatch):
+    from api.settings import TERMINAL_CACHE_S
+
+    monkeypatch.delenv("CITIZENCARD_TERMINAL_CACHE_S", raising=False)
+    assert Settings.from_env().terminal_cache_s == TERMINAL_CACHE_S == 5.0
+    monkeypatch.setenv("CITIZENCARD_TERMINAL_CACHE_S", "0.5")
+    assert Settings.from_env().terminal_cache_s == 0.5
+    assert Settings(terminal_cache_s=0).terminal_cache_s == 0
+    label = "terminal_cache_s (CITIZENCARD_TERMINAL_CACHE_S)"
+    for text, message in (("61", f"{label}: 61.0 must be 0 to 60 s"),
+                          ("-1", f"{label}: '-1' is not a number of seconds (digits 0-9 with an optional decimal point)"),
+                          ("5s", f"{label}: '5s' is not a number of seconds (digits 0-9 with an optional decimal point)")):
+        monkeypatch.setenv("CITIZENCARD_TERMINAL_CACHE_S", text)
+        with pytest.raises(Invalid) as exc:
+            Settings.from_env()
+        assert exc.value.code == "setting_invalid" and exc.value.detail == message
