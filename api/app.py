@@ -245,4 +245,5 @@ def create_app(container: Container) -> FastAPI:
 
 def _refuse_float(text: str):
     """JSON numbers with a fraction or exponent are refused: money is integer fen."""
-    raise ValueError(f"number {text} is not an integer (amounts are integer fen; prices are decimal strings)")
+    raise ValueError(f"number {text} is not an integer (amounts such as amount_fen are integer fen; a line's "
+                     "pric and cnt are yuan and units as decimal strings, e.g. \"12.50\")")

@@ -201,6 +201,8 @@ def test_bad_settlement_input_is_a_problem_and_posts_nothing(eng, case, body, st
     assert resp.headers["content-type"].startswith("application/problem+json")
     problem = resp.json()
     assert problem["code"] == code and problem["status"] == status and problem["type"].startswith("https://")
+    if case == "float amount":  # says which unit each field is in: a price is yuan, not fen
+        assert "pric and cnt are yuan and units as decimal strings" in problem["detail"], problem
     assert "signature" in resp.headers  # problems are signed too
     assert ledger_snapshot(eng) == snap
 
