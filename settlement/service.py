@@ -219,6 +219,19 @@ def restriction_unmet(item: CatalogueItem, *, inpatient: bool, hospital_tier: in
     return None
 
 
+def refuse_closed_admission(policy, visit: "Visit", net: dict[str, int]) -> None:
+    """Raise Conflict ``admission_already_settled`` when ``visit`` is an inpatient charge batch
+    (interim or final) of an admission whose final (discharge) settlement is made (``net``: the
+    state accounts' posted nets, ``adm_final`` > 0). The discharge settlement closes the
+    admission (NHSA 2304 with mid_setl_flag "0"): charges found afterwards are settled by
+    cancelling it (2305) and settling again, so its figures stay the admission's whole; a
+    partial refund of its batches stays possible."""
+    if policy.is_inpatient and net.get("adm_final", 0) > 0:
+        raise Conflict("admission_already_settled",
+                       f"admission {visit.mdtrt_id} already has its final settlement; to settle more charges "
+                       "of it, cancel the final settlement first and settle again")
+
+
 def undo_key(setl_id: str) -> str:
     """The ledger entry key of whatever undoes settlement ``setl_id`` — its cancellation or its
     partial refund. One key for both, so a settlement is undone at most once, whichever comes
@@ -478,7 +491,8 @@ class SettlementService:
         policy = self._policy(ctx, citizen, visit.med_type)
         names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         self.accounts.ensure(list(names.values()))
-        state, _ = self._state_of(names, sc.balances)
+        state, net = self._state_of(names, sc.balances)
+        refuse_closed_admission(policy, visit, net)
         visit = self._restricted(visit, ctx, citizen, policy)
         result = self._split(policy, state, visit)
         doc = result.to_dict()
@@ -600,10 +614,7 @@ class SettlementService:
             if _attempt:  # a concurrent settlement of this person moved their accounts: read again
                 sc = self._context(ctx, visit, year)
             state, net = self._state_of(names, sc.balances)
-            if policy.is_inpatient and not visit.interim and net.get("adm_final", 0) > 0:
-                raise Conflict("admission_already_settled",
-                               f"admission {visit.mdtrt_id} already has its final settlement; settle further "
-                               "batches as interim (mid_setl_flag '1') or cancel the final one first")
+            refuse_closed_admission(policy, visit, net)
             result = self._split(policy, state, visit)
             info = result.setlinfo
             wallet_pay = info.psn_cash_pay if method in ("card", "qr") else 0

@@ -63,8 +63,14 @@ def test_an_admission_has_one_final_settlement(world):
         world.settle(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="3", mid_setl_flag="0")
     assert exc.value.code == "admission_already_settled"
     assert nothing_moved(snap, world.pending_free_snapshot())
-    # more interim batches of the admission are fine, and do not count it again
-    world.settle(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="4", mid_setl_flag="1")
+    # an interim batch after the discharge settlement is refused too (and so is its pre-settlement):
+    # the discharge settlement closed the admission
+    for op in ("settle", "presettle"):
+        with pytest.raises(Conflict) as exc:
+            v = world.visit(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="4", mid_setl_flag="1")
+            getattr(world.svc, op)(CLINIC, v)
+        assert exc.value.code == "admission_already_settled" and "cancel the final settlement" in str(exc.value)
+    assert nothing_moved(snap, world.pending_free_snapshot())
     assert world.accum("admissions", p, year) == 1
     # after the final settlement is cancelled, the admission can be closed again — once
     world.svc.cancel(CLINIC, final["setl_id"], {"msgid": world.msgid(world.next())})
