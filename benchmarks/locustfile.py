@@ -141,9 +141,9 @@ class Cashier(User):
             return
         due = pre["setlinfo"]["psn_cash_pay"]
         if due:
-            from datetime import date
+            from simulators.day import terminal_date
             un = random.SystemRandom().getrandbits(32).to_bytes(4, "big")
-            today = date.fromisoformat(pre.get("business_date") or date.today().isoformat())
+            today = terminal_date()  # the terminal's calendar date (EMV 9A), not the business date
             data, arqc = card.generate_ac(due, self.terminal["terminal_id"], today, un)
             visit["payment"] = {"method": "card", "pan": card.pan, "pan_seq": card.psn, "atc": data.atc,
                                 "arqc": arqc.hex(), "un": un.hex(), "txn_date": today.isoformat(), "amount_fen": due}

@@ -149,7 +149,7 @@ def drive(c, citizens: list[Citizen], bills: list[list[dict]], threads: int, sec
     stop = threading.Event()
     outcomes = [collections.Counter() for _ in range(threads)]
     barrier = threading.Barrier(threads + 1)
-    day = c.days.current()
+    day = c.cards.local_date()  # the cards' transaction date: the calendar's, not the business day
 
     def worker(n: int) -> None:
         rng = random.Random(f"{prefix}{n}")

@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine, insert, select, update
 
@@ -28,6 +29,11 @@ from ledger.model import AccountResult
 from ledger.store import BatchedHook, Ledger
 
 QR_VALIDITY_S = 60
+#: The terminals' and the engine's local time zone (China Standard Time, as settlement.days).
+LOCAL_TZ = ZoneInfo("Asia/Shanghai")
+#: How many calendar days a card's transaction date (EMV tag 9A) may differ from the engine
+#: clock's local date (a terminal's clock a little off around midnight).
+TXN_DATE_TOLERANCE_DAYS = 1
 log = logging.getLogger(__name__)
 
 
@@ -121,8 +127,13 @@ class CardService:
         with write_connection(self.engine) as conn:
             conn.execute(update(cards).where(cards.c.pan == pan).values(status=status))
 
+    def local_date(self) -> dt.date:
+        """Today's calendar date in Asia/Shanghai by the engine clock (not the business date,
+        which runs ahead of the calendar once a day is closed early)."""
+        return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).date()
+
     # -------------------------------------------------------------- authorisation
-    def authorise(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date,
+    def authorise(self, auth: dict, *, amount_fen: int, terminal_id: str,
                   card=None, consume: bool = True) -> Authorisation:
         """Verify a payment authorisation for ``amount_fen`` and consume its counter.
 
@@ -130,6 +141,10 @@ class CardService:
         "arqc" (hex 8 bytes), "un" (hex 4 bytes), "txn_date" (ISO date), "amount_fen"}`` for the
         physical card (EMV ARQC), or ``{"method": "qr", "payload": base64 CPM}`` for the virtual
         card (EMVCo CPM, valid ``QR_VALIDITY_S`` and single-use).
+        A card's ``txn_date`` is the terminal's own calendar date (EMV Book 3, tag 9A
+        "Transaction Date", local date): it must be within ``TXN_DATE_TOLERANCE_DAYS`` of the
+        engine clock's local date (:meth:`local_date`), never compared with the business day.
+        A QR code's time window is checked against the engine clock too (EMVCo CPM).
         ``card``, when given, is the card row as the caller just read it (attributes ``pan``,
         ``psn_no``, ``pan_seq``, ``status``, ``last_atc``; the ATC check against it is re-done by
         the compare-and-set), saving a read. With ``consume=False`` a card's ATC is checked
@@ -141,7 +156,7 @@ class CardService:
         """
         method = auth.get("method") if isinstance(auth, dict) else None
         if method == "card":
-            return self._authorise_card(auth, amount_fen=amount_fen, terminal_id=terminal_id, today=today,
+            return self._authorise_card(auth, amount_fen=amount_fen, terminal_id=terminal_id,
                                         card=card, consume=consume)
         if method == "qr":
             return self._authorise_qr(auth, amount_fen=amount_fen, card=card)
@@ -155,7 +170,7 @@ class CardService:
             raise Rejected("card_blocked", f"card {pan} is {row.status}")
         return row
 
-    def _authorise_card(self, auth: dict, *, amount_fen: int, terminal_id: str, today: dt.date,
+    def _authorise_card(self, auth: dict, *, amount_fen: int, terminal_id: str,
                         card=None, consume: bool = True) -> Authorisation:
         try:
             pan = str(auth["pan"])
@@ -171,7 +186,8 @@ class CardService:
         if authorised != amount_fen:
             raise Rejected("amount_mismatch", f"the card authorised {authorised} fen but {amount_fen} fen is due;"
                            " present the card again for the new amount", status=409, amount_due_fen=amount_fen)
-        if abs((txn_date - today).days) > 1:
+        today = self.local_date()
+        if abs((txn_date - today).days) > TXN_DATE_TOLERANCE_DAYS:
             raise Rejected("card_txn_date_invalid", f"transaction date {txn_date} is not today ({today})")
         card = self.active_card(pan, card)
         try:

@@ -27,8 +27,8 @@ Every row is booked to the open business day, checked in the row's own transacti
 again, transparently, on the day open now. A card authorisation is kept for that retry: the
 cryptogram covers the amount and the terminal's transaction date, not the engine's business
 day, and its counter was not spent by the refused transaction (it is accepted in the retried
-one), so the card is not asked again; the date window (``card_txn_date_invalid``) was checked
-against the day of the first attempt.
+one), so the card is not asked again; the date window (``card_txn_date_invalid``) is checked
+against the engine clock's calendar date, never the business day.
 """
 
 from __future__ import annotations
@@ -626,7 +626,7 @@ class SettlementService:
             if wallet_pay and auth is None:
                 try:
                     auth = self.cards.authorise(visit.payment, amount_fen=wallet_pay, terminal_id=ctx.terminal_id,
-                                                today=business_date, card=sc.card, consume=False)
+                                                card=sc.card, consume=False)
                 except Rejected as exc:
                     # A copy of this very request may have settled it meanwhile (the terminal
                     # resent it): then its counter is used and the amount due has changed.

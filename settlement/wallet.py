@@ -129,8 +129,7 @@ class WalletService:
         if not isinstance(ident, str):
             raise Invalid("field_invalid", "payment: card data missing", field="payment")
         try:
-            auth = self.cards.authorise(payment, amount_fen=amount, terminal_id=ctx.terminal_id,
-                                        today=self.days.current())
+            auth = self.cards.authorise(payment, amount_fen=amount, terminal_id=ctx.terminal_id)
         except Rejected as exc:
             # The counter or code was just used: by a copy of this very request still in flight
             # (the terminal resent it)? Then wait for it and answer with its result.

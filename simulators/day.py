@@ -397,10 +397,18 @@ class Day:
             self.save_cards()
             return {"method": "qr", "payload": payload}
         un = random.SystemRandom().getrandbits(32).to_bytes(4, "big")
-        data, arqc = z.card.generate_ac(amount_fen, terminal_id, day, un)
+        today = terminal_date()  # the terminal's own calendar date (EMV 9A), not the business day
+        data, arqc = z.card.generate_ac(amount_fen, terminal_id, today, un)
         self.save_cards()
         return {"method": "card", "pan": z.card.pan, "pan_seq": z.card.psn, "atc": data.atc, "arqc": arqc.hex(),
-                "un": un.hex(), "txn_date": day.isoformat(), "amount_fen": amount_fen}
+                "un": un.hex(), "txn_date": today.isoformat(), "amount_fen": amount_fen}
+
+
+def terminal_date() -> dt.date:
+    """A terminal's calendar date by its own clock in Asia/Shanghai: the transaction date a
+    card covers (EMV tag 9A), which the business date may run ahead of."""
+    from card.service import LOCAL_TZ
+    return dt.datetime.now(LOCAL_TZ).date()
 
 
 def _load_items(container):

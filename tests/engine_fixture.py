@@ -42,7 +42,7 @@ class Engine:
 
     def card_payment(self, amount_fen: int, terminal_id: str = "TC000001") -> dict:
         """A fresh ARQC authorisation from the physical card for ``amount_fen``."""
-        day = self.container.days.current()
+        day = self.container.days.local_date()  # the terminal's calendar date, as the clock's
         un = random.SystemRandom().getrandbits(32).to_bytes(4, "big")
         data, arqc = self.card.generate_ac(amount_fen, terminal_id, day, un)
         return {"method": "card", "pan": self.card.pan, "pan_seq": self.card.psn, "atc": data.atc,

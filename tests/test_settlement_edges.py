@@ -12,7 +12,10 @@
 * ids that no id can be (a NUL) are "not found", never a database error;
 * NHSA 2204 codes that are not strings are refused;
 * a card payment pre-settled at 0 fen that now has something to pay is an amount mismatch;
-* a business day closed by another process is noticed within ``OPEN_DAY_RECHECK_S``.
+* a business day closed by another process is noticed within ``OPEN_DAY_RECHECK_S``;
+* a card's transaction date (EMV 9A, the terminal's calendar) is checked against the engine
+  clock's local date, not the business date, which runs ahead of the calendar once days are
+  closed early (settlements and merchant payments alike).
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import pytest
 from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
 from settlement import chart
 from settlement.days import BusinessDays
+from settlement.service import TerminalContext
 from tests.test_settlement_flows import CLINIC, make_world, nothing_moved
+
+MERCHANT = TerminalContext("TM000001", "M00000000009", "merchant")
 
 
 @pytest.fixture
@@ -248,3 +254,32 @@ def test_an_answer_with_text_utf8_cannot_carry_is_still_delivered():
 
     assert json.loads(json_bytes({"name": "a\ud800b", "x": "中"})) == {"name": "a\ud800b", "x": "中"}
     assert json_bytes({"x": "中"}) == '{"x": "中"}'.encode()
+
+
+def test_a_card_is_dated_by_the_calendar_not_the_business_day(world):
+    days = world.c.days
+    for _ in range(2):  # two days closed early: the business day runs two days ahead
+        days.close(days.begin_close(), {"closed_by": "test"})
+    today = world.c.days.local_date()
+    assert days.current() == today + dt.timedelta(days=2)
+    p = world.add_person(personal_fen=0, wallet_fen=100_000)
+
+    v = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
+    v["payment"] = world.card_payment(p, 4_580, day=today)  # the terminal's own date
+    doc = world.svc.settle(CLINIC, v)
+    assert doc["business_date"] == (today + dt.timedelta(days=2)).isoformat()
+    assert doc["payment"]["wallet_pay_fen"] == 4_580
+    paid = world.c.wallet.pay(MERCHANT, {"msgid": f"P{world.next():012d}", "amount_fen": 300,
+                                         "payment": world.card_payment(p, 300, MERCHANT, day=today)})
+    assert paid["amount_fen"] == 300
+
+    far = today + dt.timedelta(days=2)  # the business date, but two days from the calendar
+    v = world.visit(p, world.bill(("C", "12.00", "1")), method="card")
+    v["payment"] = world.card_payment(p, 1_200, day=far)
+    with pytest.raises(Rejected) as exc:
+        world.svc.settle(CLINIC, v)
+    assert exc.value.code == "card_txn_date_invalid"
+    with pytest.raises(Rejected) as exc:
+        world.c.wallet.pay(MERCHANT, {"msgid": f"P{world.next():012d}", "amount_fen": 300,
+                                      "payment": world.card_payment(p, 300, MERCHANT, day=far)})
+    assert exc.value.code == "card_txn_date_invalid"

@@ -200,8 +200,11 @@ class World:
         doc.update(extra)
         return doc
 
-    def card_payment(self, person: Person, amount_fen: int, ctx: TerminalContext = CLINIC) -> dict:
-        day = self.c.days.current()
+    def card_payment(self, person: Person, amount_fen: int, ctx: TerminalContext = CLINIC,
+                     day: dt.date | None = None) -> dict:
+        """A fresh ARQC for ``amount_fen`` dated ``day`` (default: the fake clock's local date,
+        as the terminal's own calendar would say)."""
+        day = self.c.days.local_date() if day is None else day
         un = random.getrandbits(32).to_bytes(4, "big")
         data, arqc = person.card.generate_ac(amount_fen, ctx.terminal_id, day, un)
         return {"method": "card", "pan": person.pan, "pan_seq": person.card.psn, "atc": data.atc,
