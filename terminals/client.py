@@ -7,12 +7,17 @@ believed; a problem answer (RFC 9457) raises :class:`EngineError` carrying it.
 A settlement whose answer was lost (timeout, connection reset) is resolved by
 :meth:`TerminalClient.settle_safely`: it asks the engine what that message id settled (NHSA
 5203) and only re-sends the same request — same ``msgid``, same visit and charge batch, so the
-engine's idempotency returns the first settlement — when the engine has no record of it.
+engine's idempotency returns the first settlement — when the engine has no record of it. A cash
+settlement refused with 409 ``settlement_contended`` (the person's accounts kept changing under
+concurrent settlements; nothing moved) is sent again with the same msgid, as the engine's
+message says, a few times after a short random pause; a card or QR one is not (its
+authorisation is used up: the card must be presented again under a new msgid).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from typing import Any
 
@@ -22,6 +27,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from terminals.signing import SignatureError, TerminalSigner, verify_response
 
 RETRIES_MAX = 3
+#: How often :meth:`TerminalClient.settle_safely` sends a cash settlement again after a 409
+#: ``settlement_contended``, and the ceiling of its first random pause (doubled each time).
+CONTENDED_RETRIES_MAX = 4
+CONTENDED_BACKOFF_S = 0.05
 #: Idle connections are dropped well before a server's keep-alive timeout (uvicorn: 5 s by
 #: default), so a request is never sent on a connection the server is closing.
 KEEPALIVE_EXPIRY_S = 2.0
@@ -39,6 +48,14 @@ class EngineError(Exception):
 
 class UntrustedAnswer(Exception):
     """The answer's signature did not verify: it may not come from the engine."""
+
+
+def _retry_same_msgid(exc: EngineError, visit: dict) -> bool:
+    """Whether a settlement's problem asks for the same message again: a 409
+    ``settlement_contended`` of a cash settlement (a card or QR one spent its authorisation)."""
+    payment = visit.get("payment") if isinstance(visit, dict) else None
+    return (exc.status == 409 and exc.code == "settlement_contended"
+            and isinstance(payment, dict) and payment.get("method") == "cash")
 
 
 class TerminalClient:
@@ -105,17 +122,28 @@ class TerminalClient:
         settlement (or the refusal) that message produced, or nothing, and only then is the
         same message sent again. ``EngineError`` for any other problem; when the retries run
         out, the last unknown-outcome error (never the query's "not found", which would read as
-        "not settled" while the last copy may still land)."""
-        unknown: BaseException | None = None
-        for attempt in range(RETRIES_MAX):
-            if attempt:
-                time.sleep(min(0.2 * 2 ** attempt, 2.0))  # the engine or its database is recovering
+        "not settled" while the last copy may still land).
+
+        A 409 ``settlement_contended`` of a cash settlement (``payment.method`` "cash": no card
+        authorised it, nothing moved) is sent again with the same msgid up to
+        ``CONTENDED_RETRIES_MAX`` times, after a random pause below ``CONTENDED_BACKOFF_S``
+        doubled each time (full jitter, so colliding terminals do not collide again in
+        lock-step), as the engine's problem says; then the last 409 is raised. A card or QR
+        settlement's 409 is raised at once: its authorisation is used up, and only the cashier
+        can present the card again, under a new msgid."""
+        contended = 0
+        unknown_outcomes = 0
+        while True:
             try:
                 return self.settle(visit)
             except (httpx.TransportError, EngineError) as exc:
                 if isinstance(exc, EngineError) and exc.status != 503:
-                    raise
-                unknown = exc
+                    if not (_retry_same_msgid(exc, visit) and contended < CONTENDED_RETRIES_MAX):
+                        raise
+                    time.sleep(random.uniform(0, CONTENDED_BACKOFF_S * 2 ** contended))
+                    contended += 1
+                    continue  # nothing moved: the same message again
+                unknown: BaseException = exc
             try:
                 return self.query(visit["msgid"])
             except EngineError as exc:  # 404: it did not settle (send it again); 503: still unknown
@@ -123,8 +151,10 @@ class TerminalClient:
                     raise
             except httpx.TransportError:
                 pass
-        assert unknown is not None
-        raise unknown
+            unknown_outcomes += 1
+            if unknown_outcomes >= RETRIES_MAX:
+                raise unknown
+            time.sleep(min(0.2 * 2 ** unknown_outcomes, 2.0))  # the engine or its database is recovering
 
     def cancel(self, setl_id: str, msgid: str) -> dict:
         """NHSA 2208: cancel a settlement (once)."""

@@ -588,3 +588,97 @@ def test_a_terminal_blocked_by_another_process_is_refused_within_the_cache_bound
     with pytest.raises(EngineError) as refused:
         eng.clinic.presettle(visit(eng, 77))
     assert (refused.value.status, refused.value.code) == (401, "unknown_key")
+
+
+class CountsSettlements(httpx.HTTPTransport):
+    """Counts the POST /v1/settlements requests a client sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settles = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/v1/settlements":
+            self.settles += 1
+        return super().handle_request(request)
+
+
+def contend(eng, monkeypatch, settlements_contended: int | None) -> None:
+    """Make the engine refuse the next ``settlements_contended`` settlements (every one when
+    None) with 409 ``settlement_contended``: each attempt's balance assertion fails, as when
+    the person's accounts keep changing under concurrent settlements."""
+    import settlement.service as service_module
+    from ledger.model import EntryOutcome, EntryResult
+
+    svc = eng.container.settlements
+    real_submit = svc.submit
+    failing = [None if settlements_contended is None else settlements_contended * service_module.ATTEMPTS_MAX]
+
+    def submit(entry, hook=None):
+        if failing[0] is None or failing[0] > 0:
+            if failing[0] is not None:
+                failing[0] -= 1
+            return EntryOutcome(entry.key, EntryResult.BALANCE_ASSERTION_FAILED)
+        return real_submit(entry, hook)
+
+    monkeypatch.setattr(service_module, "contention_backoff", lambda _attempt: None)
+    monkeypatch.setattr(svc, "submit", submit)
+
+
+def counting_client(eng, monkeypatch):
+    import terminals.client as client_module
+
+    monkeypatch.setattr(client_module, "CONTENDED_BACKOFF_S", 0.0, raising=False)  # no pause needed
+    transport = CountsSettlements()
+    return transport, client_module.TerminalClient(eng.base_url, "TC000001", eng.clinic_key,
+                                                   eng.container.keys.engine_key.public_key(), transport=transport)
+
+
+def test_a_contended_cash_settlement_is_sent_again_with_the_same_msgid(eng, monkeypatch):
+    """409 settlement_contended for cash says "retry with the same msgid": the SDK does, a
+    bounded number of times, and the visit settles once."""
+    from sqlalchemy import func, select
+
+    from settlement.schema import settlements
+
+    contend(eng, monkeypatch, 2)
+    transport, client = counting_client(eng, monkeypatch)
+    v = visit(eng, 80, payment={"method": "cash"})
+    with client:
+        doc = client.settle_safely(v)
+    assert doc["replayed"] is False and transport.settles == 3
+    with eng.container.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(settlements)
+                           .where(settlements.c.mdtrt_id == v["mdtrt_id"])) == 1
+
+
+def test_a_cash_settlement_contended_every_time_is_surfaced_after_a_few_retries(eng, monkeypatch):
+    from terminals.client import CONTENDED_RETRIES_MAX
+
+    contend(eng, monkeypatch, None)
+    transport, client = counting_client(eng, monkeypatch)
+    snap = ledger_snapshot(eng)
+    with client:
+        with pytest.raises(EngineError) as caught:
+            client.settle_safely(visit(eng, 81, payment={"method": "cash"}))
+    assert (caught.value.status, caught.value.code) == (409, "settlement_contended")
+    assert transport.settles == 1 + CONTENDED_RETRIES_MAX
+    moved = {k: v for k, v in ledger_snapshot(eng).items() if v != (0, 0, 0, 0)}
+    assert moved == {k: v for k, v in snap.items() if v != (0, 0, 0, 0)}  # accounts opened, nothing moved
+
+
+def test_a_contended_card_settlement_is_surfaced_not_sent_again(eng, monkeypatch):
+    """A card settlement's 409 settlement_contended spent the card's authorisation: the SDK
+    surfaces it at once (present the card again, under a new msgid)."""
+    v = visit(eng, 82)
+    due = eng.clinic.presettle(dict(v, payment={"method": "card"}))["setlinfo"]["psn_cash_pay"]
+    assert due > 0
+    v["payment"] = eng.card_payment(due)
+    contend(eng, monkeypatch, None)
+    transport, client = counting_client(eng, monkeypatch)
+    with client:
+        with pytest.raises(EngineError) as caught:
+            client.settle_safely(v)
+    assert (caught.value.status, caught.value.code) == (409, "settlement_contended")
+    assert "present the card again, under a new msgid" in caught.value.problem["detail"]
+    assert transport.settles == 1
