@@ -2,7 +2,12 @@
 
 Every request is signed with the terminal's Ed25519 key (RFC 9421 via :class:`TerminalSigner`)
 and every answer's signature is verified against the engine's public key before it is
-believed; a problem answer (RFC 9457) raises :class:`EngineError` carrying it.
+believed; a problem answer (RFC 9457) raises :class:`EngineError` carrying it. The only answers
+the engine sends unsigned are the problems it gives before anyone is identified (413 for an
+oversized body, 404/405 for an unknown route or method); one of those, and nothing else
+unsigned, raises :class:`UnsignedProblem` (an EngineError whose ``signed`` is False), so the
+cashier sees "request too large" instead of an unverifiable answer. Any other unsigned or
+badly signed answer raises :class:`UntrustedAnswer`.
 
 A settlement whose answer was lost (timeout, connection reset) is resolved by
 :meth:`TerminalClient.settle_safely`: it asks the engine what that message id settled (NHSA
@@ -34,10 +39,17 @@ CONTENDED_BACKOFF_S = 0.05
 #: Idle connections are dropped well before a server's keep-alive timeout (uvicorn: 5 s by
 #: default), so a request is never sent on a connection the server is closing.
 KEEPALIVE_EXPIRY_S = 2.0
+#: The problems the engine answers unsigned (README, "The HTTP API"; api/app.py: before the
+#: request's signature is checked), by status: the only unsigned answers the SDK reports.
+UNSIGNED_PROBLEMS = {413: "body_too_large", 404: "route_not_found", 405: "method_not_allowed"}
+PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
 class EngineError(Exception):
-    """The engine answered with an RFC 9457 problem (``status``, ``code``, ``problem``)."""
+    """The engine answered with an RFC 9457 problem (``status``, ``code``, ``problem``),
+    signed by the engine (``signed``; see :class:`UnsignedProblem` for the exception)."""
+
+    signed = True
 
     def __init__(self, status: int, problem: dict) -> None:
         self.status = status
@@ -46,15 +58,49 @@ class EngineError(Exception):
         super().__init__(f"{status} {self.code}: {problem.get('detail', '')}")
 
 
+class UnsignedProblem(EngineError):
+    """An unsigned RFC 9457 problem of the kind the engine documents as unsigned (413
+    ``body_too_large``, 404 ``route_not_found``, 405 ``method_not_allowed``: answered before
+    the request was attributed to a terminal). Nobody vouches for it: it says nothing about any
+    settlement or payment (not even "not found": an unsigned 404 is never read as a query's
+    answer), only why the request was not looked at. ``signed`` is False."""
+
+    signed = False
+
+    def __init__(self, status: int, problem: dict) -> None:
+        super().__init__(status, problem)
+        self.args = (f"unsigned {status} {self.code} (not signed by the engine): {problem.get('detail', '')}",)
+
+
 class UntrustedAnswer(Exception):
     """The answer's signature did not verify: it may not come from the engine."""
+
+
+def _unsigned_problem(response: httpx.Response, failure: SignatureError) -> UnsignedProblem | None:
+    """``response`` as an :class:`UnsignedProblem` when it carries no signature at all and is a
+    problem document of a status and code in :data:`UNSIGNED_PROBLEMS`; None otherwise (a
+    broken, partial or forged signature is never excused)."""
+    if failure.code != "signature_missing" or "signature" in response.headers \
+            or "signature-input" in response.headers:
+        return None
+    expected = UNSIGNED_PROBLEMS.get(response.status_code)
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if expected is None or media_type != PROBLEM_MEDIA_TYPE:
+        return None
+    try:
+        doc = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("code") != expected or doc.get("status") != response.status_code:
+        return None
+    return UnsignedProblem(response.status_code, doc)
 
 
 def _retry_same_msgid(exc: EngineError, visit: dict) -> bool:
     """Whether a settlement's problem asks for the same message again: a 409
     ``settlement_contended`` of a cash settlement (a card or QR one spent its authorisation)."""
     payment = visit.get("payment") if isinstance(visit, dict) else None
-    return (exc.status == 409 and exc.code == "settlement_contended"
+    return (exc.signed and exc.status == 409 and exc.code == "settlement_contended"
             and isinstance(payment, dict) and payment.get("method") == "cash")
 
 
@@ -84,8 +130,9 @@ class TerminalClient:
     def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> dict:
         """Send a signed request; verify the signed answer; return its JSON.
 
-        Raises EngineError for a problem answer, UntrustedAnswer for a bad answer signature and
-        httpx.TransportError when the answer was lost."""
+        Raises EngineError for a problem answer (:class:`UnsignedProblem` for one of the
+        unsigned problems the engine documents), UntrustedAnswer for any other answer whose
+        signature is missing or bad, and httpx.TransportError when the answer was lost."""
         content = json.dumps(body, ensure_ascii=False).encode() if body is not None else b""
         headers = {"content-type": "application/json"} if body is not None else {}
         response = self.http.request(method, path, content=content, headers=headers, params=params)
@@ -96,6 +143,9 @@ class TerminalClient:
                             resolve_public_key=lambda k: self.engine_public_key if k == "engine" else None,
                             now=int(time.time()))
         except SignatureError as exc:
+            unsigned = _unsigned_problem(response, exc)
+            if unsigned is not None:
+                raise unsigned from None
             raise UntrustedAnswer(f"{response.status_code} answer failed verification: {exc}") from None
         doc = response.json() if response.content else {}
         if response.status_code >= 400:
@@ -137,7 +187,7 @@ class TerminalClient:
             try:
                 return self.settle(visit)
             except (httpx.TransportError, EngineError) as exc:
-                if isinstance(exc, EngineError) and exc.status != 503:
+                if isinstance(exc, EngineError) and (exc.status != 503 or not exc.signed):
                     if not (_retry_same_msgid(exc, visit) and contended < CONTENDED_RETRIES_MAX):
                         raise
                     time.sleep(random.uniform(0, CONTENDED_BACKOFF_S * 2 ** contended))
@@ -147,7 +197,7 @@ class TerminalClient:
             try:
                 return self.query(visit["msgid"])
             except EngineError as exc:  # 404: it did not settle (send it again); 503: still unknown
-                if exc.status not in (404, 503):
+                if exc.status not in (404, 503) and exc.signed:  # unsigned: tells nothing, still unknown
                     raise
             except httpx.TransportError:
                 pass

@@ -682,3 +682,21 @@ def test_a_contended_card_settlement_is_surfaced_not_sent_again(eng, monkeypatch
     assert (caught.value.status, caught.value.code) == (409, "settlement_contended")
     assert "present the card again, under a new msgid" in caught.value.problem["detail"]
     assert transport.settles == 1
+
+
+def test_the_sdk_reports_an_oversized_body_as_an_unsigned_413(eng):
+    """The engine answers a body over 256 KiB with an unsigned 413 problem (documented): the
+    SDK raises it as an UnsignedProblem, an EngineError marked unsigned, not UntrustedAnswer."""
+    from terminals.client import UnsignedProblem
+
+    v = visit(eng, 83)
+    v["lines"][0]["name"] = "x" * 300_000
+    snap = ledger_snapshot(eng)
+    with pytest.raises(UnsignedProblem) as caught:
+        eng.clinic.settle(v)
+    assert (caught.value.status, caught.value.code, caught.value.signed) == (413, "body_too_large", False)
+    assert isinstance(caught.value, EngineError) and "unsigned" in str(caught.value)
+    with pytest.raises(UnsignedProblem) as route:
+        eng.clinic.call("GET", "/v1/nowhere")
+    assert (route.value.status, route.value.code) == (404, "route_not_found")
+    assert ledger_snapshot(eng) == snap
