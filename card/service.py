@@ -29,8 +29,15 @@ from ledger.model import AccountResult
 from ledger.store import BatchedHook, Ledger
 
 QR_VALIDITY_S = 60
-#: The terminals' and the engine's local time zone (China Standard Time, as settlement.days).
+#: The terminals' and the engine's local time zone (China Standard Time): business days,
+#: insurance years and card transaction dates are its calendar dates.
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
+
+
+def local_date(clock_us: int) -> dt.date:
+    """The calendar date in Asia/Shanghai of ``clock_us`` (µs since the epoch)."""
+    return dt.datetime.fromtimestamp(clock_us / 1_000_000, LOCAL_TZ).date()
+
 #: How many calendar days a card's transaction date (EMV tag 9A) may differ from the engine
 #: clock's local date (a terminal's clock a little off around midnight).
 TXN_DATE_TOLERANCE_DAYS = 1
@@ -130,7 +137,7 @@ class CardService:
     def local_date(self) -> dt.date:
         """Today's calendar date in Asia/Shanghai by the engine clock (not the business date,
         which runs ahead of the calendar once a day is closed early)."""
-        return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).date()
+        return local_date(self.clock_us())
 
     # -------------------------------------------------------------- authorisation
     def authorise(self, auth: dict, *, amount_fen: int, terminal_id: str,

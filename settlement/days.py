@@ -23,16 +23,15 @@ import json
 import time
 from collections.abc import Callable
 from typing import TypeVar
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
+from card.service import local_date
 from ledger.db import HOOK_REFUSED, HookRefused, run_with_retry
 from ledger.errors import Conflict
 from ledger.store import BatchedHook
 from settlement.schema import business_days
 
-LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 T = TypeVar("T")
 
 
@@ -116,7 +115,7 @@ class BusinessDays:
 
     def local_date(self) -> dt.date:
         """Today's local date in Asia/Shanghai by the engine clock."""
-        return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).date()
+        return local_date(self.clock_us())
 
     def current(self) -> dt.date:
         """The open business date, opening one if none is open (re-read when the last read is

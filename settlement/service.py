@@ -42,12 +42,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import orjson
 from sqlalchemy import Connection, Engine, and_, bindparam, or_, select
 
-from card.service import CardService
+from card.service import CardService, local_date
 from ledger.db import HookRefused, is_unique_violation
 from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
 from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryResult, EntrySpec,
@@ -62,7 +61,6 @@ from settlement.schema import settlements
 from settlement.split import (BillLine, PersonState, SplitInputError, parse_bill_lines, partial_refund,
                               split_visit)
 
-LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 ATTEMPTS_MAX = 6
 ID_CHARS_MAX = 40
 #: How long a resent request whose card counter (or QR code) was just used waits for the first
@@ -414,7 +412,7 @@ class SettlementService:
 
     def local_date(self) -> dt.date:
         """The engine clock's date in Asia/Shanghai."""
-        return dt.datetime.fromtimestamp(self.clock_us() / 1_000_000, LOCAL_TZ).date()
+        return local_date(self.clock_us())
 
     def _restricted(self, visit: Visit, ctx: TerminalContext, citizen: CitizenRef, policy) -> Visit:
         """``visit`` with each catalogue line whose payment restriction this visit does not meet
