@@ -101,30 +101,41 @@ def day(visits: Annotated[int, typer.Option(min=1, max=100_000, help="Clinic vis
 
 
 def print_report(console: Console, report: dict, out: Path) -> None:
-    """The day's summary as readable tables."""
+    """The day's summary as readable tables. A table wider than the terminal is printed at its
+    own width (the terminal wraps the lines): no code or amount is ever cut short or split."""
+
+    def show(table: Table) -> None:
+        natural = console.measure(table, options=console.options.update_width(1_000)).maximum
+        width = console.width
+        console.width = max(width, natural)  # (print's own width= cannot exceed the console's)
+        try:
+            console.print(table)
+        finally:
+            console.width = width
+
     s = report["settlements"]
     console.print(f"\n[bold]Day {report['business_date']} closed[/bold] (Asia/Shanghai); report in {out}/")
     t = Table(title="Per clinic, net of cancellations (yuan)")
     for col in ("clinic", "tier", "settled", "cancelled", "medfee", "funds", "account", "wallet", "cash"):
-        t.add_column(col, justify="left" if col == "clinic" else "right")
+        t.add_column(col, justify="left" if col == "clinic" else "right", no_wrap=True)
     for code, c in report["per_clinic"].items():
         t.add_row(code, str(c.get("hospital_tier", "")), str(c["count"]), str(c["cancellations"]),
                   format_yuan(c["medfee_sumamt"]), format_yuan(c["fund_pay_sumamt"]), format_yuan(c["acct_pay"]),
                   format_yuan(c["wallet_pay"]), format_yuan(c["psn_cash_pay"] - c["wallet_pay"]))
-    console.print(t)
+    show(t)
     f = Table(title="Per payer (yuan)")
-    f.add_column("payer")
-    f.add_column("net paid", justify="right")
+    f.add_column("payer", no_wrap=True)
+    f.add_column("net paid", justify="right", no_wrap=True)
     for name, amount in report["per_fund"].items():
         f.add_row(name, format_yuan(amount))
-    console.print(f)
+    show(f)
     ch = Table(title="Recharges per channel (yuan)")
-    ch.add_column("channel")
-    ch.add_column("count", justify="right")
-    ch.add_column("amount", justify="right")
+    ch.add_column("channel", no_wrap=True)
+    ch.add_column("count", justify="right", no_wrap=True)
+    ch.add_column("amount", justify="right", no_wrap=True)
     for code, c in report["per_channel"].items():
         ch.add_row(code, str(c["count"]), format_yuan(c["amount_fen"]))
-    console.print(ch)
+    show(ch)
     tb = report["trial_balance"]
     console.print(f"settlements {s['count']} (cancellations {s['cancellations']}), medfee {format_yuan(s['medfee_sumamt'])}"
                   f" yuan; payments {report['payments']['count']}; recharges {report['recharges']['count']}")

@@ -117,3 +117,29 @@ def test_day_closes_clean_twice_and_ledger_verify_catches_an_edit(tmp_path):
         conn.execute("UPDATE ledger_transfers SET amount = amount + 1 WHERE id = (SELECT min(id) FROM ledger_transfers)")
     bad = cli("ledger", "verify", "--db", f"sqlite:///{db}")
     assert bad.returncode == 1 and "mismatch" in bad.stderr
+
+
+def test_day_summary_never_cuts_a_code_or_an_amount_on_a_narrow_terminal(tmp_path):
+    """At 80 columns the per-clinic table is wider than the terminal: it is printed at its own
+    width, every code and amount whole on its line (a tester saw them cut short with '…')."""
+    import io
+
+    from rich.console import Console
+
+    from api.cli import print_report
+
+    clinic = {"hospital_tier": 3, "count": 123456, "cancellations": 1234, "medfee_sumamt": 20_114_654_802,
+              "fund_pay_sumamt": 14_080_258_361, "acct_pay": 2_011_465_480, "wallet_pay": 1_005_732_740,
+              "psn_cash_pay": 4_022_930_961}
+    report = {"business_date": "2026-12-07", "settlements": {"count": 1, "cancellations": 0, "medfee_sumamt": 1},
+              "per_clinic": {"H33030200101": clinic, "H33030200102": clinic},
+              "per_fund": {"fund:employee_pooled": 14_080_258_361}, "per_channel": {"CH0000000101": {
+                  "count": 99999, "amount_fen": 99_999_999_999}},
+              "trial_balance": {"debits_fen": 5, "credits_fen": 5, "balanced": True},
+              "payments": {"count": 0}, "recharges": {"count": 0}, "replay": {}, "discrepancies": []}
+    out = io.StringIO()
+    print_report(Console(file=out, width=80, color_system=None), report, tmp_path)
+    text = out.getvalue()
+    assert "…" not in text, text
+    for figure in ("H33030200101", "201146548.02", "140802583.61", "30171982.21", "999999999.99"):
+        assert figure in text, figure
