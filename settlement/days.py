@@ -142,6 +142,11 @@ class BusinessDays:
         self._read_at = now
         return self._cached
 
+    def open_day(self) -> dt.date | None:
+        """The open business date as stored now, or None when none is open (opens nothing)."""
+        with self.engine.connect() as conn:
+            return conn.scalar(select(business_days.c.business_date).where(business_days.c.status == "open"))
+
     def status(self, day: dt.date) -> tuple[str, dict | None]:
         """("open" | "closing" | "closed" | "unknown", the stored report or None)."""
         with self.engine.connect() as conn:

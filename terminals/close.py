@@ -95,7 +95,9 @@ class DayCloser:
         Body: ``{"business_date": ISO date, "settlements": {...}, "cancellations": {...},
         "payments": {...}, "recharges": {...}}`` with the figures of :func:`empty_batch` (ints).
         Returns ``{"result": "balanced" | "out_of_balance", "differences": [...], "computed",
-        "reported", "replayed"}``. Raises Invalid or Conflict (closed before with other figures)."""
+        "reported", "replayed"}``. Only the open business day's batch can be closed. Raises Invalid
+        (malformed; ``business_day_unknown``: a day the engine never opened) or Conflict (closed
+        before with other figures; ``business_day_closed``: the day is closing or closed)."""
         if not isinstance(req, dict):
             raise Invalid("body_invalid", "the request body must be a JSON object")
         try:
@@ -125,27 +127,38 @@ class DayCloser:
                        for g in computed for n in computed[g] if computed[g][n] != reported[g][n]]
         result = "balanced" if not differences else "out_of_balance"
 
-        def work(conn):
-            self._batch_day_not_closed(conn, day)
+        def work(conn) -> bool:
+            # A batch close is a row of its business day: written only while that day is open,
+            # holding the day's row like any booking (settlement.days.guard_open).
+            try:
+                guard_open(conn, [day])
+            except HookRefused:
+                return False
             conn.execute(insert(batch_closes).values(
                 terminal_id=ctx.terminal_id, business_date=day, reported=json.dumps(reported, sort_keys=True),
                 computed=json.dumps(computed, sort_keys=True), result=result, closed_ts=self.clock_us()))
-        run_with_retry(self.engine, work, retry_on_unique=False)
+            return True
+        if not run_with_retry(self.engine, work, retry_on_unique=False):
+            self._refuse_batch_day(day)
         return self._batch_doc(computed, reported, result, replayed=False)
 
-    def _batch_day_not_closed(self, conn, day: dt.date) -> None:
-        """A batch close is a row of its business day: refused (Conflict ``business_day_closed``)
-        once the day is closing or closed, since the day close may have read its batches
-        already; for the open day it holds the day's row like any booking
-        (:func:`settlement.days.guard_open`). A day not opened yet is left alone."""
+    def _refuse_batch_day(self, day: dt.date) -> None:
+        """Why a batch close of ``day`` was refused (its day was not open when it was written):
+        Invalid ``business_day_unknown`` for a day the engine never opened (a terminal's clock in
+        the future or far in the past: nothing of it can be compared, and a "balanced" close of
+        zero figures would stand for a day that may later carry bookings); Conflict
+        ``business_day_closed`` once the day is closing or closed, since the day close may have
+        read its batches already; Conflict ``business_day_not_open`` for a day opened just now
+        (send it again)."""
         status, _report = self.days.status(day)
         if status == "unknown":
-            return
-        try:
-            guard_open(conn, [day])
-        except HookRefused:
-            raise Conflict("business_day_closed", f"business day {day} is closed (or closing): its batches "
-                           "can no longer be closed") from None
+            open_day = self.days.open_day()
+            raise Invalid("business_day_unknown", f"business day {day} was never opened: a batch close is for "
+                          f"the open business day ({open_day or 'none is open'})", field="business_date")
+        if status == "open":
+            raise Conflict("business_day_not_open", f"business day {day} opened meanwhile; close the batch again")
+        raise Conflict("business_day_closed", f"business day {day} is closed (or closing): its batches "
+                       "can no longer be closed")
 
     @staticmethod
     def _batch_doc(computed: dict, reported: dict, result: str, *, replayed: bool) -> dict:

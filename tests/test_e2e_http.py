@@ -322,6 +322,18 @@ def test_card_balance_is_shown_to_recharge_channels_only(eng):
     assert exc.value.status == 403
 
 
+@pytest.mark.parametrize("date", ["2099-01-01", "2000-01-01"])
+def test_a_batch_close_for_a_day_never_opened_is_a_problem_and_stores_nothing(eng, date):
+    eng.clinic.settle(visit(eng, 95))
+    day = eng.container.days.current()
+    with pytest.raises(EngineError) as exc:
+        eng.clinic.close_batch({"business_date": date})
+    assert exc.value.status == 422 and exc.value.code == "business_day_unknown"
+    assert exc.value.problem["field"] == "business_date" and day.isoformat() in exc.value.problem["detail"]
+    figures = eng.container.closer.computed_batch("TC000001", day)
+    assert eng.clinic.close_batch(dict(figures, business_date=day.isoformat()))["result"] == "balanced"
+
+
 def test_an_oversized_body_is_refused_before_it_is_read(eng):
     body = b'{"msgid": "' + b"x" * 300_000 + b'"}'
     resp = raw_post(eng, "/v1/settlements", body)

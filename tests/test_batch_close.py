@@ -1,0 +1,77 @@
+"""A terminal's batch close, and how the day close re-checks it (SQLite and PostgreSQL).
+
+A batch close compares the terminal's own counts and totals with the engine's figures for that
+terminal and business day and stores the result; the day close compares every stored batch
+close again with what the engine booked for that terminal and day when the day closed, so a
+booking accepted after the batch close is reported as a discrepancy. A batch close is only
+accepted for the open business day: a day the engine never opened (in the future, or long
+before its first day) is refused, and so is a closed one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import func, select
+
+from ledger.errors import Conflict, Invalid
+from terminals.schema import batch_closes
+from tests.test_settlement_flows import CLINIC, OTHER_CLINIC, make_world
+
+
+@pytest.fixture
+def world(db_url, tmp_path):
+    with make_world(db_url, tmp_path) as w:
+        reg = w.c.registry
+        for ctx in (CLINIC, OTHER_CLINIC):
+            reg.add_org(code=ctx.org_code, kind="clinic", name=f"clinic {ctx.org_code}", hospital_tier=2)
+            reg.enrol(terminal_id=ctx.terminal_id, org_code=ctx.org_code,
+                      public_key=Ed25519PrivateKey.generate().public_key())
+        yield w
+
+
+def settle_cash(world, n: int, ctx=OTHER_CLINIC) -> None:
+    p = world.add_person(personal_fen=0)
+    for _ in range(n):
+        world.settle(p, world.bill(("C", "10.00", "1")), ctx=ctx)
+
+
+def engine_figures(world, ctx=OTHER_CLINIC) -> dict:
+    """The batch report a terminal sends when its figures are exactly the engine's."""
+    day = world.c.days.current()
+    return dict(world.c.closer.computed_batch(ctx.terminal_id, day), business_date=day.isoformat())
+
+
+def stored_closes(world) -> int:
+    with world.c.engine.connect() as conn:
+        return conn.scalar(select(func.count()).select_from(batch_closes))
+
+
+@pytest.mark.parametrize("date", ["2099-01-01", "2000-01-01", "next day"])
+def test_a_batch_close_for_a_day_the_engine_never_opened_is_refused(world, date):
+    settle_cash(world, 1)
+    open_day = world.c.days.current()
+    if date == "next day":
+        date = (open_day + dt.timedelta(days=1)).isoformat()
+    report = dict(engine_figures(world), business_date=date)
+    with pytest.raises(Invalid) as exc:
+        world.c.closer.close_batch(OTHER_CLINIC, report)
+    assert exc.value.code == "business_day_unknown"
+    assert date in exc.value.detail and open_day.isoformat() in exc.value.detail
+    assert stored_closes(world) == 0
+    assert world.c.closer.close_batch(OTHER_CLINIC, engine_figures(world))["result"] == "balanced"
+
+
+def test_a_batch_close_for_a_closed_day_is_refused_unless_it_was_made_before(world, tmp_path):
+    settle_cash(world, 1)
+    settle_cash(world, 1, ctx=CLINIC)
+    made = engine_figures(world, CLINIC)
+    late = engine_figures(world, OTHER_CLINIC)
+    world.c.closer.close_batch(CLINIC, made)
+    world.c.closer.close_day(tmp_path / "report")
+    with pytest.raises(Conflict) as exc:
+        world.c.closer.close_batch(OTHER_CLINIC, late)
+    assert exc.value.code == "business_day_closed"
+    assert world.c.closer.close_batch(CLINIC, made)["replayed"]  # the one made in time answers again
