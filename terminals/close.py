@@ -5,8 +5,10 @@
   they agree (``balanced``) or not (``out_of_balance``, naming every differing figure).
   Idempotent: the same report again returns the stored result; another report is a conflict.
 * **Day close** — the engine checks that every terminal that transacted closed its batch,
-  cross-checks every settlement, payment and recharge row against its ledger entry (per
-  entry, what each payer moved in the ledger equals what the rows say), posts the day's
+  compares every batch close again with the terminal's figures as they stand at the day close
+  (a terminal may book after closing its batch: accepted, then reported here), cross-checks
+  every settlement, payment and recharge row against its ledger entry (per entry, what each
+  payer moved in the ledger equals what the rows say), posts the day's
   clearing (clinic and merchant payables paid out of the centre's bank account; channels'
   receivables settled into it), seals the journal's hash chain, recomputes every balance from
   the journal, and writes the report: totals per clinic, per fund and per channel, the trial
@@ -55,6 +57,30 @@ def empty_batch() -> dict:
             "recharges": dict.fromkeys(AMOUNT_FIGURES, 0)}
 
 
+def batch_figures(setl_rows, pay_rows, rch_rows) -> dict[str, dict]:
+    """Per terminal id, the engine's batch figures (the shape of :func:`empty_batch`) over
+    settlement, payment and recharge rows (attributes ``terminal_id``; ``kind`` and the
+    :data:`SETTLEMENT_FIGURES` of a settlement row; ``amount_fen`` of the others; int fen)."""
+    out: dict[str, dict] = defaultdict(empty_batch)
+    for r in setl_rows:
+        group = out[r.terminal_id]["settlements" if r.kind == "settlement" else "cancellations"]
+        group["count"] += 1
+        for f in SETTLEMENT_FIGURES[1:]:
+            group[f] += getattr(r, f)
+    for rows, name in ((pay_rows, "payments"), (rch_rows, "recharges")):
+        for r in rows:
+            out[r.terminal_id][name]["count"] += 1
+            out[r.terminal_id][name]["amount_fen"] += r.amount_fen
+    return dict(out)
+
+
+def batch_differences(reported: dict, computed: dict) -> list[str]:
+    """Every figure on which a terminal's report and the engine's figures differ, as
+    ``"group.figure: terminal N engine M"``."""
+    return [f"{g}.{n}: terminal {reported[g][n]} engine {computed[g][n]}"
+            for g in computed for n in computed[g] if computed[g][n] != reported[g][n]]
+
+
 def _iso(value) -> str:
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
@@ -74,20 +100,11 @@ class DayCloser:
     # ------------------------------------------------------------------ batch close
     def computed_batch(self, terminal_id: str, day: dt.date) -> dict:
         """The engine's own figures for one terminal and business day (same shape as the report)."""
-        out = empty_batch()
         with self.engine.connect() as conn:
-            for r in conn.execute(select(settlements).where(settlements.c.terminal_id == terminal_id,
-                                                            settlements.c.business_date == day)):
-                group = out["settlements" if r.kind == "settlement" else "cancellations"]
-                group["count"] += 1
-                for f in SETTLEMENT_FIGURES[1:]:
-                    group[f] += getattr(r, f)
-            for table, name in ((payments, "payments"), (recharges, "recharges")):
-                for r in conn.execute(select(table.c.amount_fen).where(table.c.terminal_id == terminal_id,
-                                                                       table.c.business_date == day)):
-                    out[name]["count"] += 1
-                    out[name]["amount_fen"] += r.amount_fen
-        return out
+            rows = [conn.execute(select(table).where(table.c.terminal_id == terminal_id,
+                                                     table.c.business_date == day)).all()
+                    for table in (settlements, payments, recharges)]
+        return batch_figures(*rows).get(terminal_id, empty_batch())
 
     def close_batch(self, ctx: TerminalContext, req: dict) -> dict:
         """Compare a terminal's batch report with the engine's figures and record the result.
@@ -123,9 +140,7 @@ class DayCloser:
                 raise Conflict("batch_already_closed", f"the batch of {day} was closed with other figures")
             return self._batch_doc(json.loads(row.computed), reported, row.result, replayed=True)
         computed = self.computed_batch(ctx.terminal_id, day)
-        differences = [f"{g}.{n}: terminal {reported[g][n]} engine {computed[g][n]}"
-                       for g in computed for n in computed[g] if computed[g][n] != reported[g][n]]
-        result = "balanced" if not differences else "out_of_balance"
+        result = "balanced" if not batch_differences(reported, computed) else "out_of_balance"
 
         def work(conn) -> bool:
             # A batch close is a row of its business day: written only while that day is open,
@@ -162,10 +177,32 @@ class DayCloser:
 
     @staticmethod
     def _batch_doc(computed: dict, reported: dict, result: str, *, replayed: bool) -> dict:
-        differences = [f"{g}.{n}: terminal {reported[g][n]} engine {computed[g][n]}"
-                       for g in computed for n in computed[g] if computed[g][n] != reported[g][n]]
-        return {"result": result, "differences": differences, "computed": computed, "reported": reported,
-                "replayed": replayed}
+        return {"result": result, "differences": batch_differences(reported, computed), "computed": computed,
+                "reported": reported, "replayed": replayed}
+
+    @staticmethod
+    def _recheck_batches(closes: dict, at_close: dict[str, dict]) -> tuple[dict[str, str], list[dict]]:
+        """Each stored batch close compared again with the engine's figures for its terminal at
+        the day close (``at_close``: :func:`batch_figures` of the day's rows), not those it was
+        compared with when it was made: a terminal may go on booking after closing its batch
+        (accepted: a patient at the counter is never refused for it), and what it booked after
+        is then missing from its batch. Returns the result per terminal id and a
+        ``batch_out_of_balance`` discrepancy per differing batch; its detail says when the
+        engine's figures moved after the batch close."""
+        results: dict[str, str] = {}
+        found: list[dict] = []
+        for t, r in sorted(closes.items()):
+            reported, then = json.loads(r.reported), json.loads(r.computed)
+            now = at_close.get(t, empty_batch())
+            differences = batch_differences(reported, now)
+            results[t] = "balanced" if not differences else "out_of_balance"
+            if not differences:
+                continue
+            detail = "; ".join(differences)
+            if batch_differences(then, now):
+                detail += " (the terminal booked after its batch close)"
+            found.append({"kind": "batch_out_of_balance", "terminal_id": t, "detail": detail})
+        return results, found
 
     # ------------------------------------------------------------------ day close
     def close_day(self, out_dir: Path | None = None, *, synthetic_note: str = "") -> dict:
@@ -195,12 +232,8 @@ class DayCloser:
             if t not in closes:
                 discrepancies.append({"kind": "batch_not_closed", "terminal_id": t,
                                       "detail": f"terminal {t} transacted on {day} but did not close its batch"})
-        for t, r in sorted(closes.items()):
-            if r.result != "balanced":
-                reported, computed = json.loads(r.reported), json.loads(r.computed)
-                discrepancies.append({"kind": "batch_out_of_balance", "terminal_id": t,
-                                      "detail": "; ".join(self._batch_doc(computed, reported, r.result,
-                                                                          replayed=True)["differences"])})
+        batch_results, batch_problems = self._recheck_batches(closes, batch_figures(setl_rows, pay_rows, rch_rows))
+        discrepancies += batch_problems
         discrepancies += self._cross_check(setl_rows, pay_rows, rch_rows)
 
         per_clinic: dict[str, dict] = defaultdict(lambda: dict(count=0, cancellations=0, medfee_sumamt=0,
@@ -260,7 +293,7 @@ class DayCloser:
             "per_channel": {k: dict(v, name=org_names.get(k, "")) for k, v in sorted(per_channel.items())},
             "per_merchant": {k: dict(v, name=org_names.get(k, "")) for k, v in sorted(per_merchant.items())},
             "nhsa_3201": [dict(insutype=k[0], clr_type=k[1], **v) for k, v in sorted(per_insutype.items())],
-            "batches": {t: r.result for t, r in sorted(closes.items())},
+            "batches": batch_results,
             "clearing": clearing,
             "trial_balance": {"debits_fen": debits, "credits_fen": credits, "balanced": debits == credits,
                               "memo_debits_fen": tb.debits_fen.get(2, 0), "memo_credits_fen": tb.credits_fen.get(2, 0)},
@@ -454,4 +487,4 @@ class DayCloser:
                 w.writerow([d["kind"], d.get("terminal_id") or d.get("entry_key", ""), d["detail"]])
 
 
-__all__ = ["DayCloser", "empty_batch", "_iso"]
+__all__ = ["DayCloser", "batch_differences", "batch_figures", "empty_batch", "_iso"]

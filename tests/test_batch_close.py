@@ -49,6 +49,45 @@ def stored_closes(world) -> int:
         return conn.scalar(select(func.count()).select_from(batch_closes))
 
 
+def test_bookings_after_a_balanced_batch_close_are_a_discrepancy_at_the_day_close(world, tmp_path):
+    settle_cash(world, 6)
+    report = engine_figures(world)
+    assert report["settlements"]["count"] == 6
+    assert world.c.closer.close_batch(OTHER_CLINIC, report)["result"] == "balanced"
+    settle_cash(world, 3)  # the same terminal goes on booking on the same business day (accepted)
+
+    day = world.c.closer.close_day(tmp_path / "report")
+    assert day["batches"] == {OTHER_CLINIC.terminal_id: "out_of_balance"}
+    [found] = [d for d in day["discrepancies"] if d.get("terminal_id") == OTHER_CLINIC.terminal_id]
+    assert found["kind"] == "batch_out_of_balance"
+    assert "settlements.count: terminal 6 engine 9" in found["detail"]
+    assert found["detail"].endswith("(the terminal booked after its batch close)")
+    # The same batch close sent again still answers what was decided when it was made.
+    again = world.c.closer.close_batch(OTHER_CLINIC, report)
+    assert again["replayed"] and again["result"] == "balanced"
+
+
+def test_a_batch_close_that_still_agrees_at_the_day_close_is_clean(world, tmp_path):
+    settle_cash(world, 2)
+    settle_cash(world, 1, ctx=CLINIC)
+    for ctx in (CLINIC, OTHER_CLINIC):
+        assert world.c.closer.close_batch(ctx, engine_figures(world, ctx))["result"] == "balanced"
+    day = world.c.closer.close_day(tmp_path / "report")
+    assert day["batches"] == {CLINIC.terminal_id: "balanced", OTHER_CLINIC.terminal_id: "balanced"}
+    assert day["discrepancies"] == []
+
+
+def test_a_batch_out_of_balance_when_closed_is_reported_with_the_day_close_figures(world, tmp_path):
+    settle_cash(world, 2)
+    report = engine_figures(world)
+    report["settlements"] = dict(report["settlements"], count=1)
+    assert world.c.closer.close_batch(OTHER_CLINIC, report)["result"] == "out_of_balance"
+    day = world.c.closer.close_day(tmp_path / "report")
+    assert day["batches"] == {OTHER_CLINIC.terminal_id: "out_of_balance"}
+    [found] = [d for d in day["discrepancies"] if d.get("terminal_id") == OTHER_CLINIC.terminal_id]
+    assert found["detail"] == "settlements.count: terminal 1 engine 2"  # nothing booked after it
+
+
 @pytest.mark.parametrize("date", ["2099-01-01", "2000-01-01", "next day"])
 def test_a_batch_close_for_a_day_the_engine_never_opened_is_refused(world, date):
     settle_cash(world, 1)
