@@ -86,14 +86,21 @@ class Registry:
                                                   status="active", enrolled_ts=self.clock_us()))
             return True
 
-    def block(self, terminal_id: str) -> None:
+    def block(self, terminal_id: str) -> bool:
         """Block a terminal: once this returns, its signatures no longer verify through this
-        Registry, and through any other Registry on the database within its ``cache_s``."""
+        Registry, and through any other Registry on the database within its ``cache_s``.
+        Idempotent: True when it was active, False when it was blocked already. Raises NotFound
+        ``terminal_not_found`` for an unknown id."""
         with write_connection(self.engine) as conn:
-            conn.execute(update(terminals).where(terminals.c.terminal_id == terminal_id).values(status="blocked"))
+            status = conn.scalar(select(terminals.c.status).where(terminals.c.terminal_id == terminal_id))
+            if status is None:
+                raise NotFound("terminal_not_found", f"no terminal {terminal_id}")
+            if status != "blocked":
+                conn.execute(update(terminals).where(terminals.c.terminal_id == terminal_id).values(status="blocked"))
         with self._lock:
             self._generation += 1
             self._cache.pop(terminal_id, None)
+        return status != "blocked"
 
     def lookup(self, terminal_id: str) -> tuple[Ed25519PublicKey, TerminalContext] | None:
         """The active terminal's public key and context, or None (unknown or blocked). Served

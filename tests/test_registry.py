@@ -95,3 +95,14 @@ def test_a_lookup_racing_a_block_in_the_same_process_does_not_cache_the_old_key(
     event.listen(engines[0], "after_cursor_execute", block_after_the_read)
     assert reg.lookup(TID) is not None  # this request's signature was checked before the block
     assert fired and reg.lookup(TID) is None
+
+
+def test_blocking_is_idempotent_and_an_unknown_terminal_is_not_found(engines):
+    from ledger.errors import NotFound
+
+    reg = enrolled(engines[0], Clock())
+    assert reg.block(TID) is True
+    assert reg.block(TID) is False  # blocked already: nothing changes
+    with pytest.raises(NotFound) as exc:
+        reg.block("TC999999")
+    assert exc.value.code == "terminal_not_found" and "TC999999" in exc.value.detail
