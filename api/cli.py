@@ -2,6 +2,7 @@
 
 * ``citizencard day``     — set up a city, replay a day over signed HTTP, close it, report
 * ``citizencard serve``   — run the engine's HTTP API (uvicorn)
+* ``citizencard close-day`` — close the open (or a given) business day of a served engine
 * ``citizencard split``   — split a settlement vector file (policy, person state, bill) to JSON
 * ``citizencard ledger verify`` — recompute every balance and check the hash chain
 * ``citizencard catalogue generate`` — write the HIS simulator's catalogue
@@ -139,7 +140,8 @@ def print_report(console: Console, report: dict, out: Path) -> None:
     tb = report["trial_balance"]
     console.print(f"settlements {s['count']} (cancellations {s['cancellations']}), medfee {format_yuan(s['medfee_sumamt'])}"
                   f" yuan; payments {report['payments']['count']}; recharges {report['recharges']['count']}")
-    console.print(f"replay: {json.dumps(report.get('replay', {}), sort_keys=True)}")
+    if "replay" in report:
+        console.print(f"replay: {json.dumps(report['replay'], sort_keys=True)}")
     console.print(f"trial balance: debits {format_yuan(tb['debits_fen'])} = credits {format_yuan(tb['credits_fen'])}"
                   f" → {'[green]balanced[/green]' if tb['balanced'] else '[red]NOT balanced[/red]'}")
     n = len(report["discrepancies"])
@@ -202,6 +204,60 @@ def serve(db: DbOption = None,
         uvicorn.run(create_app(container), host=host, port=port, log_level="info", timeout_keep_alive=30)
     finally:
         container.close()
+
+
+def _engine_container(db: str | None):
+    """The engine wired as ``serve`` wires it, on an existing database; a bad setting or a
+    missing keys file or catalogue is one line on stderr, exit 2."""
+    from api.bootstrap import bootstrap
+
+    _existing_db(db)
+    try:
+        return bootstrap(_settings(db))
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+
+
+@app.command("close-day")
+def close_day(date: Annotated[Optional[str], typer.Option("--date", help="Business date to close (ISO); "
+                                                          "default: the open one.")] = None,
+              db: DbOption = None,
+              out: Annotated[Path, typer.Option(help="Folder for the reports: each day's in OUT/<business date>/.")]
+              = Path("var/report")) -> None:
+    """Close the open business day (or --date) of the engine on --db, as finance does at day end.
+
+    Closing a day that is closed already answers with the report stored when it closed and
+    does nothing again. Exit status 1 when the report has a discrepancy or the trial balance
+    does not balance."""
+    import datetime as dt
+
+    wanted = None
+    if date is not None:
+        try:
+            wanted = dt.date.fromisoformat(date)
+        except ValueError:
+            fail(f"--date: {date!r} is not an ISO date (YYYY-MM-DD)")
+    container = _engine_container(db)
+    try:
+        done = container.closer.close_business_day(wanted)
+        for report in [*done["finished_first"], done["report"]]:
+            container.closer.write_day_report(report, out / report["business_date"])
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    finally:
+        container.close()
+    console = Console()
+    for earlier in done["finished_first"]:
+        console.print(f"finished first the close of business day {earlier['business_date']}, left closing by a "
+                      f"close that stopped; report in {out / earlier['business_date']}/", highlight=False)
+    report = done["report"]
+    if done["replayed"]:
+        console.print(f"business day {report['business_date']} was closed already: its stored report "
+                      "(nothing done again)", highlight=False)
+    print_report(console, report, out / report["business_date"])
+    console.print(f"report stored with business day {report['business_date']} in the database", highlight=False)
+    if report["discrepancies"] or not report["trial_balance"]["balanced"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -155,33 +155,47 @@ class BusinessDays:
             return "unknown", None
         return row.status, (json.loads(row.report) if row.report else None)
 
-    def begin_close(self) -> dt.date:
+    def begin_close(self, day: dt.date | None = None) -> dt.date:
         """Start the close of a day and return its date: a day left ``closing`` by a close that
-        did not finish (the oldest), else the open day (opened now if none is), moved from
+        did not finish (the oldest: it must be finished before a later day's clearing is worked
+        out), else the open day (opened now if none is), or ``day`` when given, moved from
         ``open`` to ``closing`` in a transaction of its own. On PostgreSQL that UPDATE waits for
         the bookings holding the day's row ``FOR SHARE``; once it commits no booking can take
-        the day (:class:`DayOpen`), so every row of the day is committed and final."""
+        the day (:class:`DayOpen`), so every row of the day is committed and final. Raises
+        Conflict ``business_day_not_open`` when ``day`` is given and is neither open nor
+        closing (closed, or never opened): no other day is closed in its place."""
         for _attempt in range(3):
-            stuck = self._closing()
+            stuck = self.closing_day()
             if stuck is not None:
                 return stuck
-            day = self.current()
+            target = self.current() if day is None else day
 
             def work(conn) -> int:
-                return conn.execute(update(business_days).where(business_days.c.business_date == day,
+                return conn.execute(update(business_days).where(business_days.c.business_date == target,
                                                                 business_days.c.status == "open")
                                     .values(status="closing")).rowcount
 
             done = run_with_retry(self.engine, work)
             self.forget()
             if done == 1:
-                return day
+                return target
+            if day is not None:
+                status, _report = self.status(day)
+                if status != "closing":  # closing: another close began it meanwhile; finish it
+                    raise Conflict("business_day_not_open", f"business day {day} is {status}, not open")
         raise Conflict("business_day_not_open", "the open business day kept changing; close again")
 
-    def _closing(self) -> dt.date | None:
+    def closing_day(self) -> dt.date | None:
+        """The oldest day left ``closing`` (a close that began and has not finished), or None."""
         with self.engine.connect() as conn:
             return conn.scalar(select(func.min(business_days.c.business_date))
                                .where(business_days.c.status == "closing"))
+
+    def last_closed(self) -> dt.date | None:
+        """The latest closed business date, or None when no day was ever closed."""
+        with self.engine.connect() as conn:
+            return conn.scalar(select(func.max(business_days.c.business_date))
+                               .where(business_days.c.status == "closed"))
 
     def close(self, day: dt.date, report: dict) -> None:
         """Mark ``day`` closed with its report (after :meth:`begin_close`). Raises Conflict

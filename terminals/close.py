@@ -47,6 +47,9 @@ from terminals.schema import batch_closes, orgs, terminals
 
 SETTLEMENT_FIGURES = ("count", "medfee_sumamt", "fund_pay_sumamt", "acct_pay", "psn_cash_pay", "wallet_pay")
 AMOUNT_FIGURES = ("count", "amount_fen")
+#: How many closes :meth:`DayCloser.close_business_day` makes at most to close one day (each
+#: may first finish an earlier day left ``closing``, or find the day closed by another close).
+CLOSE_ROUNDS_MAX = 4
 
 
 def empty_batch() -> dict:
@@ -205,15 +208,18 @@ class DayCloser:
         return results, found
 
     # ------------------------------------------------------------------ day close
-    def close_day(self, out_dir: Path | None = None, *, synthetic_note: str = "") -> dict:
-        """Close the open business day; write ``report.json`` and CSVs to ``out_dir``.
+    def close_day(self, out_dir: Path | None = None, *, synthetic_note: str = "", day: dt.date | None = None) -> dict:
+        """Close the open business day (or ``day``, when it is open); write ``report.json`` and
+        CSVs to ``out_dir``.
 
         Returns the report (see module docstring). Idempotent per day: after the close, the next
         call closes the next day (usually empty). The day is moved to ``closing`` first, in its
         own transaction (waiting for the bookings in flight); a day left ``closing`` by a close
-        that stopped is the one closed, and finished, by the next call. Two closes racing on one
-        day both answer with the report the first to finish stored."""
-        day = self.days.begin_close()
+        that stopped is the one closed, and finished, by the next call (whatever ``day`` says:
+        the report says which day it is). Two closes racing on one day both answer with the
+        report the first to finish stored. Raises Conflict ``business_day_not_open`` when
+        ``day`` is given and is neither open nor closing (:meth:`BusinessDays.begin_close`)."""
+        day = self.days.begin_close(day)
         discrepancies: list[dict] = []
         with self.engine.connect() as conn:
             setl_rows = conn.execute(select(settlements).where(settlements.c.business_date == day)
@@ -315,6 +321,53 @@ class DayCloser:
                 raise
             return stored
         return report
+
+    def close_business_day(self, day: dt.date | None = None) -> dict:
+        """Close business day ``day`` — by default the one to close now: a day left ``closing``
+        by a close that stopped, else the open day — or answer with its stored report when it
+        is closed already (also by default when no day is open: the latest closed day), so
+        that closing again never does it twice. Opens no day. A day left ``closing`` before
+        ``day`` is finished first (its clearing must be posted before ``day``'s is worked out).
+
+        Returns ``{"report": the day's report, "replayed": True when it was closed already,
+        "finished_first": [reports of earlier days finished on the way]}``. Raises Invalid
+        ``business_day_unknown`` for a day the engine never opened, ``business_day_none`` when
+        no day was ever opened, Conflict ``business_day_not_closed`` when other closes kept
+        getting in the way (close again)."""
+        if day is None:
+            day = self.days.closing_day() or self.days.open_day() or self.days.last_closed()
+            if day is None:
+                raise Invalid("business_day_none", "no business day was ever opened on this database: nothing to close")
+        status, stored = self.days.status(day)
+        if status == "unknown":
+            open_day = self.days.open_day()
+            raise Invalid("business_day_unknown", f"business day {day} was never opened ("
+                          + (f"the open business day is {open_day})" if open_day else "no business day is open)"))
+        finished_first: list[dict] = []
+        for _round in range(CLOSE_ROUNDS_MAX):
+            if status == "closed":
+                return {"report": stored, "replayed": True, "finished_first": finished_first}
+            try:
+                report = self.close_day(day=day)
+            except Conflict as exc:  # closed by another close meanwhile: its stored report answers
+                if exc.code != "business_day_not_open":
+                    raise
+            else:
+                if report["business_date"] == day.isoformat():
+                    return {"report": report, "replayed": False, "finished_first": finished_first}
+                finished_first.append(report)  # an earlier day left closing, finished first
+            status, stored = self.days.status(day)
+        raise Conflict("business_day_not_closed", f"business day {day} could not be closed: other closes kept "
+                       "getting in the way; close again")
+
+    def write_day_report(self, report: dict, out_dir: Path) -> None:
+        """Write the files of :meth:`write_report` for a closed day's ``report`` into ``out_dir``,
+        with the day's settlement rows read now (final: no booking goes to a closed day)."""
+        day = dt.date.fromisoformat(report["business_date"])
+        with self.engine.connect() as conn:
+            setl_rows = conn.execute(select(settlements).where(settlements.c.business_date == day)
+                                     .order_by(settlements.c.created_ts)).all()
+        self.write_report(report, setl_rows, Path(out_dir))
 
     def _fund_flows(self, setl_rows) -> dict:
         """Net paid per payer account family over the day's settlement rows (fen)."""

@@ -1,7 +1,9 @@
-"""The command line as a user runs it: ``citizencard split``, ``day`` and ``ledger verify``."""
+"""The command line as a user runs it: ``citizencard split``, ``day``, ``ledger verify``, finance's
+``close-day``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
 import subprocess
@@ -13,17 +15,24 @@ import pytest
 VECTOR = Path(__file__).parent / "vectors" / "settlement-outpatient-01.json"
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env=_env())
+                          cwd=cwd, timeout=timeout, env=_env(env))
 
 
-def _env() -> dict:
+def _env(extra: dict | None = None) -> dict:
     import os
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("CITIZENCARD_DB", None)
+    env.update(extra or {})
     return env
+
+
+def one_line_error(run: subprocess.CompletedProcess, code: int, text: str) -> bool:
+    """The command failed with exit status ``code`` and one line on stderr saying ``text``."""
+    return (run.returncode == code and text in run.stderr and run.stderr.count("\n") == 1
+            and "Traceback" not in run.stderr)
 
 
 def test_split_reproduces_every_figure_of_the_shared_vector():
@@ -143,3 +152,80 @@ def test_day_summary_never_cuts_a_code_or_an_amount_on_a_narrow_terminal(tmp_pat
     assert "…" not in text, text
     for figure in ("H33030200101", "201146548.02", "140802583.61", "30171982.21", "999999999.99"):
         assert figure in text, figure
+
+
+# ---------------------------------------------------------------------- finance
+def a_city(tmp_path: Path) -> tuple[str, dict]:
+    """A synthetic city set up by ``citizencard city`` (its wallets' recharges are booked to the
+    open business day); returns its database URL and its test secrets."""
+    url = f"sqlite:///{tmp_path / 'city.db'}"
+    run = cli("city", "--cards", "2", "--db", url, "--out", str(tmp_path / "city.json"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    return url, json.loads((tmp_path / "city.json").read_text())
+
+
+def close_every_batch(tmp_path: Path, url: str) -> str:
+    """Every terminal that transacted closes its batch with the engine's own figures (as the
+    terminals would, over HTTP); returns the open business day."""
+    from api.bootstrap import bootstrap
+    from api.settings import Settings
+
+    container = bootstrap(Settings(db_url=url, catalogue=str(tmp_path / "var" / "catalogue.csv")))
+    try:
+        day = container.days.current()
+        for org in container.registry.orgs():
+            from sqlalchemy import select
+            from terminals.schema import terminals
+            with container.engine.connect() as conn:
+                ids = conn.scalars(select(terminals.c.terminal_id).where(terminals.c.org_code == org.code)).all()
+            for tid in ids:
+                figures = container.closer.computed_batch(tid, day)
+                if any(any(group.values()) for group in figures.values()):
+                    ctx = container.registry.lookup(tid)[1]
+                    assert container.closer.close_batch(ctx, dict(figures, business_date=day.isoformat()))[
+                        "result"] == "balanced"
+        return day.isoformat()
+    finally:
+        container.close()
+
+
+def ledger_entries(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT count(*) FROM ledger_entries").fetchone()[0]
+
+
+def test_close_day_closes_the_open_day_once_and_then_answers_with_its_stored_report(tmp_path):
+    url, _city = a_city(tmp_path)
+    day = close_every_batch(tmp_path, url)
+    out = tmp_path / "reports"
+    first = cli("close-day", "--db", url, "--out", str(out), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert f"Day {day} closed" in first.stdout and "discrepancies: none" in first.stdout
+    report = json.loads((out / day / "report.json").read_text())
+    assert report["business_date"] == day and report["discrepancies"] == []
+    assert report["recharges"]["count"] == 2 and report["clearing"]
+    assert (out / day / "settlements_3202.csv").exists()
+    entries = ledger_entries(tmp_path / "city.db")
+    with sqlite3.connect(tmp_path / "city.db") as conn:
+        assert conn.execute("SELECT status FROM business_days WHERE business_date = ?", (day,)).fetchone() == ("closed",)
+
+    for again in (cli("close-day", "--db", url, "--out", str(out), cwd=tmp_path),  # no day open: the last one
+                  cli("close-day", "--date", day, "--db", url, "--out", str(out), cwd=tmp_path)):
+        assert again.returncode == 0, again.stderr
+        assert f"business day {day} was closed already" in again.stdout
+        assert json.loads((out / day / "report.json").read_text()) == report
+    assert ledger_entries(tmp_path / "city.db") == entries  # nothing cleared twice, no day opened
+    with sqlite3.connect(tmp_path / "city.db") as conn:
+        assert conn.execute("SELECT count(*) FROM business_days").fetchone() == (1,)
+
+
+def test_close_day_refuses_bad_input_with_one_line(tmp_path):
+    url, _city = a_city(tmp_path)
+    assert one_line_error(cli("close-day", "--date", "2099-01-01", "--db", url, cwd=tmp_path), 2,
+                          "business_day_unknown: business day 2099-01-01 was never opened")
+    assert one_line_error(cli("close-day", "--date", "16.3.2026", "--db", url, cwd=tmp_path), 2, "--date")
+    assert one_line_error(cli("close-day", "--db", f"sqlite:///{tmp_path / 'none.db'}", cwd=tmp_path), 2,
+                          "no database")
+    assert not (tmp_path / "none.db").exists()
+    with sqlite3.connect(tmp_path / "city.db") as conn:
+        assert conn.execute("SELECT status FROM business_days").fetchall() == [("open",)]  # nothing closed

@@ -350,3 +350,74 @@ def test_two_closes_of_one_day_both_answer_with_its_report(world, tmp_path, monk
     assert world.c.days.status(day) == ("closed", answers["second"])
     paid = -(world.net(chart.BANK_CENTRE) - bank_before)
     assert paid == sum(c["amount_fen"] for c in answers["second"]["clearing"]) > 0  # cleared once
+
+
+# ---------------------------------------------------------------------- finance closing a given day
+def test_closing_a_business_day_again_answers_with_its_stored_report_and_opens_nothing(world, tmp_path):
+    """``close_business_day`` (behind ``citizencard close-day``): the open day is closed once;
+    closing it again, by date or by default when no day is open, answers with the report it
+    stored, moving no money and opening no day; a day never opened is refused."""
+    from ledger.errors import Invalid
+
+    closer = world.c.closer
+    with pytest.raises(Invalid) as exc:
+        closer.close_business_day()
+    assert exc.value.code == "business_day_none"
+    p = world.add_person(personal_fen=0)
+    world.settle(p, world.bill(("A", "3000.00", "1")))
+    day = world.c.days.current()
+    done = closer.close_business_day()
+    assert (done["report"]["business_date"], done["replayed"], done["finished_first"]) == (day.isoformat(), False, [])
+    closer.write_day_report(done["report"], tmp_path / "written")
+    assert_report_is_the_rows(done["report"], rows_of(world.c.engine, day), tmp_path / "written")
+    bank = world.net(chart.BANK_CENTRE)
+    for again in (closer.close_business_day(day), closer.close_business_day()):
+        assert again == {"report": done["report"], "replayed": True, "finished_first": []}
+    assert world.net(chart.BANK_CENTRE) == bank
+    with world.c.engine.connect() as conn:
+        assert conn.execute(select(business_days.c.status)).scalars().all() == ["closed"]  # no day opened
+    for never in (day + dt.timedelta(days=1), dt.date(2000, 1, 1)):
+        with pytest.raises(Invalid) as exc:
+            closer.close_business_day(never)
+        assert exc.value.code == "business_day_unknown" and never.isoformat() in exc.value.detail
+
+
+def test_a_day_given_to_close_is_the_one_closed(world):
+    """A close of a given day never closes another one in its place: when that day was closed
+    meanwhile, :meth:`BusinessDays.begin_close` refuses instead of opening and closing the next."""
+    from ledger.errors import Conflict
+
+    p = world.add_person(personal_fen=0)
+    world.settle(p, world.bill(("C", "10.00", "1")))
+    day = close_elsewhere(world)
+    with pytest.raises(Conflict) as exc:
+        world.c.days.begin_close(day)
+    assert exc.value.code == "business_day_not_open"
+    with world.c.engine.connect() as conn:
+        assert conn.execute(select(business_days.c.status)).scalars().all() == ["closed"]
+    assert world.c.closer.close_business_day(day)["report"] == {"closed_by": "test"}  # its stored report
+
+
+def test_a_day_left_closing_is_finished_before_the_day_given(world, tmp_path, monkeypatch):
+    p = world.add_person(personal_fen=0)
+    world.settle(p, world.bill(("A", "3000.00", "1")))
+    stuck = world.c.days.current()
+
+    def crash() -> int:
+        raise RuntimeError("the close stopped here")
+
+    monkeypatch.setattr(world.c.closer.ledger, "seal", crash)
+    with pytest.raises(RuntimeError):
+        world.c.closer.close_day()
+    monkeypatch.undo()
+    world.c.days.forget()
+    world.settle(p, world.bill(("A", "2000.00", "1")))
+    nxt = world.c.days.current()
+    assert nxt == stuck + dt.timedelta(days=1)
+    done = world.c.closer.close_business_day(nxt)
+    assert [r["business_date"] for r in done["finished_first"]] == [stuck.isoformat()]
+    assert done["report"]["business_date"] == nxt.isoformat() and not done["replayed"]
+    for day, report in ((stuck, done["finished_first"][0]), (nxt, done["report"])):
+        assert world.c.days.status(day) == ("closed", report)
+        assert_report_is_the_rows(report, rows_of(world.c.engine, day))
+    assert world.net(chart.clinic_payable(CLINIC.org_code)) == 0  # each day cleared once
