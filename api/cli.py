@@ -3,6 +3,7 @@
 * ``citizencard day``     — set up a city, replay a day over signed HTTP, close it, report
 * ``citizencard serve``   — run the engine's HTTP API (uvicorn)
 * ``citizencard close-day`` — close the open (or a given) business day of a served engine
+* ``citizencard terminal block`` / ``card block`` / ``card unblock`` — operators' blocks
 * ``citizencard split``   — split a settlement vector file (policy, person state, bill) to JSON
 * ``citizencard ledger verify`` — recompute every balance and check the hash chain
 * ``citizencard catalogue generate`` — write the HIS simulator's catalogue
@@ -32,11 +33,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ledger_app = typer.Typer(no_args_is_help=True, help="Ledger checks.")
 catalogue_app = typer.Typer(no_args_is_help=True, help="The item catalogue.")
 db_app = typer.Typer(no_args_is_help=True, help="Database maintenance.")
+terminal_app = typer.Typer(no_args_is_help=True, help="Enrolled terminals.")
+card_app = typer.Typer(no_args_is_help=True, help="Citizens' cards.")
 nhsa_app = typer.Typer(no_args_is_help=True, help="NHSA-format exchange with the insurer.")
 app.add_typer(nhsa_app, name="nhsa")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(catalogue_app, name="catalogue")
 app.add_typer(db_app, name="db")
+app.add_typer(terminal_app, name="terminal")
+app.add_typer(card_app, name="card")
 
 err = Console(stderr=True)
 DbOption = Annotated[Optional[str], typer.Option("--db", help="Database URL (sqlite:///… or postgresql://…).")]
@@ -258,6 +263,46 @@ def close_day(date: Annotated[Optional[str], typer.Option("--date", help="Busine
     console.print(f"report stored with business day {report['business_date']} in the database", highlight=False)
     if report["discrepancies"] or not report["trial_balance"]["balanced"]:
         raise typer.Exit(1)
+
+
+@terminal_app.command("block")
+def terminal_block(terminal_id: Annotated[str, typer.Argument(help="The terminal's id (8 characters).")],
+                   db: DbOption = None) -> None:
+    """Block a terminal: its signed requests are refused (by a running engine within a second)."""
+    container = _engine_container(db)
+    try:
+        changed = container.registry.block(terminal_id)
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    finally:
+        container.close()
+    Console().print(f"terminal {terminal_id} {'blocked' if changed else 'was blocked already'}", highlight=False)
+
+
+def _set_card_status(pan: str, db: str | None, status: str) -> None:
+    container = _engine_container(db)
+    try:
+        before = container.cards.card(pan).status
+        if before != status:
+            container.cards.set_status(pan, status)
+    except DomainError as exc:
+        fail(f"{exc.code}: {exc.detail}")
+    finally:
+        container.close()
+    word = "blocked" if status == "blocked" else "active"
+    Console().print(f"card {pan} {word if before != status else f'was {word} already'}", highlight=False)
+
+
+@card_app.command("block")
+def card_block(pan: Annotated[str, typer.Argument(help="The card's PAN.")], db: DbOption = None) -> None:
+    """Block a card (lost, stolen): its payments and settlements by card are refused."""
+    _set_card_status(pan, db, "blocked")
+
+
+@card_app.command("unblock")
+def card_unblock(pan: Annotated[str, typer.Argument(help="The card's PAN.")], db: DbOption = None) -> None:
+    """Make a blocked card active again."""
+    _set_card_status(pan, db, "active")
 
 
 @app.command()

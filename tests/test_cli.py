@@ -1,5 +1,6 @@
 """The command line as a user runs it: ``citizencard split``, ``day``, ``ledger verify``, finance's
-``close-day``."""
+``close-day`` and the operators' ``terminal block`` and ``card block`` / ``unblock``, also against
+an engine serving meanwhile."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def test_day_summary_never_cuts_a_code_or_an_amount_on_a_narrow_terminal(tmp_pat
         assert figure in text, figure
 
 
-# ---------------------------------------------------------------------- finance
+# ---------------------------------------------------------------------- operators and finance
 def a_city(tmp_path: Path) -> tuple[str, dict]:
     """A synthetic city set up by ``citizencard city`` (its wallets' recharges are booked to the
     open business day); returns its database URL and its test secrets."""
@@ -229,3 +230,77 @@ def test_close_day_refuses_bad_input_with_one_line(tmp_path):
     assert not (tmp_path / "none.db").exists()
     with sqlite3.connect(tmp_path / "city.db") as conn:
         assert conn.execute("SELECT status FROM business_days").fetchall() == [("open",)]  # nothing closed
+
+
+def test_operators_block_terminals_and_block_and_unblock_cards(tmp_path):
+    url, city = a_city(tmp_path)
+    tid, pan = city["terminals"][0]["terminal_id"], city["citizens"][0]["pan"]
+
+    def status(table: str, key: str, value: str) -> str:
+        with sqlite3.connect(tmp_path / "city.db") as conn:
+            return conn.execute(f"SELECT status FROM {table} WHERE {key} = ?", (value,)).fetchone()[0]
+
+    run = cli("terminal", "block", tid, "--db", url, cwd=tmp_path)
+    assert run.returncode == 0 and f"terminal {tid} blocked" in run.stdout, run.stderr
+    assert status("terminals", "terminal_id", tid) == "blocked"
+    run = cli("terminal", "block", tid, "--db", url, cwd=tmp_path)
+    assert run.returncode == 0 and "was blocked already" in run.stdout, run.stderr
+    assert one_line_error(cli("terminal", "block", "TX999999", "--db", url, cwd=tmp_path), 2,
+                          "terminal_not_found: no terminal TX999999")
+
+    run = cli("card", "block", pan, "--db", url, cwd=tmp_path)
+    assert run.returncode == 0 and f"card {pan} blocked" in run.stdout, run.stderr
+    assert status("cards", "pan", pan) == "blocked"
+    run = cli("card", "unblock", pan, "--db", url, cwd=tmp_path)
+    assert run.returncode == 0 and f"card {pan} active" in run.stdout, run.stderr
+    assert status("cards", "pan", pan) == "active"
+    run = cli("card", "unblock", pan, "--db", url, cwd=tmp_path)
+    assert run.returncode == 0 and "was active already" in run.stdout, run.stderr
+    for command in ("block", "unblock"):
+        assert one_line_error(cli("card", command, "6200000000000000", "--db", url, cwd=tmp_path), 2,
+                              "card_not_found: no card 6200000000000000")
+
+
+def test_blocks_and_the_day_close_from_the_cli_take_effect_in_a_running_engine(db_url, tmp_path):
+    """Operators and finance act from the command line on the database of an engine that is
+    serving: a blocked card is declined and an unblocked one pays again, the day closes with
+    what was booked and the engine books on the next day, and a blocked terminal's requests
+    are refused (its cached key is re-read: at once here, within a second by default)."""
+    from terminals.client import EngineError
+    from tests.engine_fixture import a_bill, running_engine
+
+    env = {"CITIZENCARD_KEYS": str(tmp_path / "keys.json"), "CITIZENCARD_CATALOGUE": str(tmp_path / "catalogue.csv")}
+    with running_engine(db_url, tmp_path) as eng:
+        eng.container.registry.recheck_s = 0.0
+        eng.channel.recharge("TH000001R0001", eng.card.pan, 10_000)
+
+        def visit(n: int) -> dict:
+            return {"msgid": f"TC000001{n:020d}", "mdtrt_id": f"MD{n:08d}", "chrg_bchno": f"B{n:04d}",
+                    "psn_no": eng.psn_no, "med_type": "11", "lines": a_bill(), "payment": {"method": "cash"}}
+
+        assert cli("card", "block", eng.card.pan, "--db", db_url, env=env).returncode == 0
+        with pytest.raises(EngineError) as exc:
+            eng.merchant.pay("TM000001P0001", 100, eng.card_payment(100, "TM000001"))
+        assert exc.value.code == "card_blocked"
+        assert cli("card", "unblock", eng.card.pan, "--db", db_url, env=env).returncode == 0
+        assert eng.merchant.pay("TM000001P0002", 100, eng.card_payment(100, "TM000001"))["amount_fen"] == 100
+        first = eng.clinic.settle(visit(1))
+
+        day = first["business_date"]
+        for client in (eng.clinic, eng.channel, eng.merchant):
+            figures = eng.container.closer.computed_batch(client.terminal_id, eng.container.days.current())
+            assert client.close_batch(dict(figures, business_date=day))["result"] == "balanced"
+        closed = cli("close-day", "--db", db_url, "--out", str(tmp_path / "reports"), env=env)
+        assert closed.returncode == 0, closed.stdout[-3000:] + closed.stderr[-3000:]
+        report = json.loads((tmp_path / "reports" / day / "report.json").read_text())
+        assert (report["settlements"]["count"], report["payments"]["count"], report["recharges"]["count"]) == (1, 1, 1)
+        assert report["discrepancies"] == []
+        assert eng.container.days.status(dt.date.fromisoformat(day))[0] == "closed"
+        later = eng.clinic.settle(visit(2))
+        assert later["business_date"] > day  # the engine went on, on the next day
+
+        assert cli("terminal", "block", "TC000001", "--db", db_url, env=env).returncode == 0
+        with pytest.raises(EngineError) as exc:
+            eng.clinic.settle(visit(3))
+        assert exc.value.status == 401 and exc.value.code == "unknown_key"
+        assert eng.merchant.pay("TM000001P0003", 100, eng.card_payment(100, "TM000001"))["amount_fen"] == 100
