@@ -265,13 +265,13 @@ def test_blocks_and_the_day_close_from_the_cli_take_effect_in_a_running_engine(d
     """Operators and finance act from the command line on the database of an engine that is
     serving: a blocked card is declined and an unblocked one pays again, the day closes with
     what was booked and the engine books on the next day, and a blocked terminal's requests
-    are refused (its cached key is re-read: at once here, within a second by default)."""
+    are refused (its cached key is re-read: at once here, within terminal_cache_s by default)."""
     from terminals.client import EngineError
     from tests.engine_fixture import a_bill, running_engine
 
     env = {"CITIZENCARD_KEYS": str(tmp_path / "keys.json"), "CITIZENCARD_CATALOGUE": str(tmp_path / "catalogue.csv")}
     with running_engine(db_url, tmp_path) as eng:
-        eng.container.registry.recheck_s = 0.0
+        eng.container.registry.cache_s = 0.0
         eng.channel.recharge("TH000001R0001", eng.card.pan, 10_000)
 
         def visit(n: int) -> dict:
