@@ -33,7 +33,7 @@ from pathlib import Path
 from sqlalchemy import Engine, insert, or_, select
 
 from ledger import schema as ls
-from ledger.db import HookRefused, is_sqlite, run_with_retry
+from ledger.db import HookRefused, is_sqlite, is_unique_violation, run_with_retry
 from ledger.errors import Conflict, Invalid
 from ledger.model import EntryOutcome, EntrySpec, TransferSpec
 from ledger.money import format_yuan
@@ -135,13 +135,9 @@ class DayCloser:
                     raise Invalid("field_invalid", f"{group}.{name}: must be a non-negative integer",
                                   field=f"{group}.{name}")
                 figures[name] = value
-        with self.engine.connect() as conn:
-            row = conn.execute(select(batch_closes).where(batch_closes.c.terminal_id == ctx.terminal_id,
-                                                          batch_closes.c.business_date == day)).first()
-        if row is not None:
-            if json.loads(row.reported) != reported:
-                raise Conflict("batch_already_closed", f"the batch of {day} was closed with other figures")
-            return self._batch_doc(json.loads(row.computed), reported, row.result, replayed=True)
+        done = self._stored_batch(ctx.terminal_id, day, reported)
+        if done is not None:
+            return done
         computed = self.computed_batch(ctx.terminal_id, day)
         result = "balanced" if not batch_differences(reported, computed) else "out_of_balance"
 
@@ -156,9 +152,33 @@ class DayCloser:
                 terminal_id=ctx.terminal_id, business_date=day, reported=json.dumps(reported, sort_keys=True),
                 computed=json.dumps(computed, sort_keys=True), result=result, closed_ts=self.clock_us()))
             return True
-        if not run_with_retry(self.engine, work, retry_on_unique=False):
+        try:
+            written = run_with_retry(self.engine, work, retry_on_unique=False)
+        except Exception as exc:
+            if not is_unique_violation(exc):
+                raise
+            # the same terminal's close of the same day, sent twice at once: the first one stored
+            # is the answer (or a conflict, when the two carried other figures)
+            done = self._stored_batch(ctx.terminal_id, day, reported)
+            if done is None:
+                raise
+            return done
+        if not written:
             self._refuse_batch_day(day)
         return self._batch_doc(computed, reported, result, replayed=False)
+
+    def _stored_batch(self, terminal_id: str, day: dt.date, reported: dict) -> dict | None:
+        """The stored close of ``terminal_id``'s batch of ``day`` answered again (``replayed``),
+        or None when there is none. Raises Conflict ``batch_already_closed`` when it was
+        closed with other figures."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(batch_closes).where(batch_closes.c.terminal_id == terminal_id,
+                                                          batch_closes.c.business_date == day)).first()
+        if row is None:
+            return None
+        if json.loads(row.reported) != reported:
+            raise Conflict("batch_already_closed", f"the batch of {day} was closed with other figures")
+        return self._batch_doc(json.loads(row.computed), reported, row.result, replayed=True)
 
     def _refuse_batch_day(self, day: dt.date) -> None:
         """Why a batch close of ``day`` was refused (its day was not open when it was written):

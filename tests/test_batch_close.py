@@ -114,3 +114,32 @@ def test_a_batch_close_for_a_closed_day_is_refused_unless_it_was_made_before(wor
         world.c.closer.close_batch(OTHER_CLINIC, late)
     assert exc.value.code == "business_day_closed"
     assert world.c.closer.close_batch(CLINIC, made)["replayed"]  # the one made in time answers again
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_two_closes_of_one_batch_at_once_answer_the_stored_one(world, monkeypatch, same):
+    """The same terminal closes the same batch twice at once (a resend): the second insert
+    meets the first one's row. It answers that close again (replayed), or batch_already_closed
+    when the two carried other figures; never a 500 (the unique index used to surface)."""
+    settle_cash(world, 2)
+    figures = engine_figures(world)
+    other = dict(figures, settlements=dict(figures["settlements"], count=figures["settlements"]["count"] + 1))
+    closer = world.c.closer
+    real = closer.computed_batch
+    calls: list = []
+
+    def racing(terminal_id, day):
+        if not calls:  # the concurrent copy stores its close between our look and our insert
+            calls.append(None)
+            calls[0] = closer.close_batch(OTHER_CLINIC, figures if same else other)
+        return real(terminal_id, day)
+
+    monkeypatch.setattr(closer, "computed_batch", racing)
+    if same:
+        answer = closer.close_batch(OTHER_CLINIC, figures)
+        assert answer["replayed"] and answer["result"] == calls[0]["result"] == "balanced"
+    else:
+        with pytest.raises(Conflict) as exc:
+            closer.close_batch(OTHER_CLINIC, figures)
+        assert exc.value.code == "batch_already_closed"
+    assert stored_closes(world) == 1
