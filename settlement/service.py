@@ -650,6 +650,8 @@ class SettlementService:
                     return replay
                 raise Rejected("amount_mismatch", f"the amount due changed to {wallet_pay} fen; present the card "
                                "again", status=409, amount_due_fen=wallet_pay)
+            if method == "card" and not wallet_pay and "pan" in visit.payment:
+                self._presented_card(visit.payment["pan"], sc, citizen)
             pan = auth.pan if auth else (visit.payment.get("pan") if method != "cash" else None)
             legs = self._legs(names, payable, info, wallet_pay, pan, policy.is_inpatient, visit.interim)
             row = self._row(ctx, visit, setl_id, entry_key, business_date, year, info, result, method,
@@ -722,6 +724,15 @@ class SettlementService:
             raise Conflict("settlement_contended", f"the person's accounts kept changing; the {what}'s "
                            f"authorisation is used up: present the {what} again, under a new msgid")
         raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid")
+
+    def _presented_card(self, pan, sc: SettleContext, citizen) -> None:
+        """A card presented for a visit that leaves nothing for its wallet to pay (the funds and
+        the personal account cover it): the card must still be the person's and active — a
+        blocked (lost, stolen) card identifies no one. Raises NotFound ``card_not_found``,
+        Rejected ``card_blocked`` or ``card_holder_mismatch``."""
+        row = self.cards.active_card(str(pan), sc.card)
+        if row.psn_no != citizen.psn_no:
+            raise Rejected("card_holder_mismatch", "the card does not belong to the insured person")
 
     def _day_after_refusal(self) -> dt.date:
         """The open business day after a booking was refused because its day is no longer open

@@ -283,3 +283,26 @@ def test_a_card_is_dated_by_the_calendar_not_the_business_day(world):
         world.c.wallet.pay(MERCHANT, {"msgid": f"P{world.next():012d}", "amount_fen": 300,
                                       "payment": world.card_payment(p, 300, MERCHANT, day=far)})
     assert exc.value.code == "card_txn_date_invalid"
+
+
+def test_a_card_presented_for_nothing_due_from_its_wallet_must_be_active_and_the_persons(world):
+    """The personal account covers the visit, so the card's wallet pays nothing: the card is
+    still checked. A blocked (lost) card or another person's card is refused, nothing moves."""
+    p = world.add_person(personal_fen=5_000_000)
+    other = world.add_person(personal_fen=0)
+    bill = world.bill(("A", "20.00", "1"))
+    v = world.visit(p, bill, method="card")
+    assert world.svc.presettle(CLINIC, v)["setlinfo"]["psn_cash_pay"] == 0
+    world.c.cards.set_status(p.pan, "blocked")
+    snap = world.pending_free_snapshot()
+    for pan, code in ((p.pan, "card_blocked"), (other.pan, "card_holder_mismatch")):
+        with pytest.raises(Rejected) as exc:
+            world.svc.settle(CLINIC, dict(v, payment={"method": "card", "pan": pan}))
+        assert exc.value.code == code
+    with pytest.raises(NotFound) as missing:
+        world.svc.settle(CLINIC, dict(v, payment={"method": "card", "pan": "6200000000000000"}))
+    assert missing.value.code == "card_not_found"
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    world.c.cards.set_status(p.pan, "active")
+    doc = world.svc.settle(CLINIC, dict(v, payment={"method": "card", "pan": p.pan}))
+    assert doc["setlinfo"]["acct_pay"] > 0 and doc["setlinfo"]["psn_cash_pay"] == 0
