@@ -268,7 +268,8 @@ def close_day(date: Annotated[Optional[str], typer.Option("--date", help="Busine
 @terminal_app.command("block")
 def terminal_block(terminal_id: Annotated[str, typer.Argument(help="The terminal's id (8 characters).")],
                    db: DbOption = None) -> None:
-    """Block a terminal: its signed requests are refused (by a running engine within a second)."""
+    """Block a terminal: its signed requests are refused (by a running engine within
+    CITIZENCARD_TERMINAL_CACHE_S, 5 s by default)."""
     container = _engine_container(db)
     try:
         changed = container.registry.block(terminal_id)
