@@ -217,17 +217,19 @@ def restriction_unmet(item: CatalogueItem, *, inpatient: bool, hospital_tier: in
     return None
 
 
-def refuse_closed_admission(policy, visit: "Visit", net: dict[str, int]) -> None:
-    """Raise Conflict ``admission_already_settled`` when ``visit`` is an inpatient charge batch
-    (interim or final) of an admission whose final (discharge) settlement is made (``net``: the
-    state accounts' posted nets, ``adm_final`` > 0). The discharge settlement closes the
-    admission (NHSA 2304 with mid_setl_flag "0"): charges found afterwards are settled by
-    cancelling it (2305) and settling again, so its figures stay the admission's whole; a
-    partial refund of its batches stays possible."""
-    if policy.is_inpatient and net.get("adm_final", 0) > 0:
+def refuse_closed_admission(inpatient: bool, mdtrt_id: str, net: dict[str, int], *,
+                            what: str = "settle more charges") -> None:
+    """Raise Conflict ``admission_already_settled`` when the admission ``mdtrt_id`` (an
+    ``inpatient`` visit) has its final (discharge) settlement (``net``: the state accounts' posted nets,
+    ``adm_final`` > 0). The discharge settlement closes the admission (NHSA 2304 with
+    mid_setl_flag "0") and its figures — the deductible of that admission above all — are
+    the admission's whole: charges found afterwards are settled, and an interim batch is
+    cancelled or refunded, by cancelling the final one first (2305). ``what`` names the
+    refused action in the message."""
+    if inpatient and net.get("adm_final", 0) > 0:
         raise Conflict("admission_already_settled",
-                       f"admission {visit.mdtrt_id} already has its final settlement; to settle more charges "
-                       "of it, cancel the final settlement first and settle again")
+                       f"admission {mdtrt_id} already has its final settlement; to {what} of it, cancel the "
+                       "final settlement first")
 
 
 def undo_key(setl_id: str) -> str:
@@ -490,7 +492,7 @@ class SettlementService:
         names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         self.accounts.ensure(list(names.values()))
         state, net = self._state_of(names, sc.balances)
-        refuse_closed_admission(policy, visit, net)
+        refuse_closed_admission(policy.is_inpatient, visit.mdtrt_id, net)
         visit = self._restricted(visit, ctx, citizen, policy)
         result = self._split(policy, state, visit)
         doc = result.to_dict()
@@ -612,7 +614,7 @@ class SettlementService:
             if _attempt:  # a concurrent settlement of this person moved their accounts: read again
                 sc = self._context(ctx, visit, year)
             state, net = self._state_of(names, sc.balances)
-            refuse_closed_admission(policy, visit, net)
+            refuse_closed_admission(policy.is_inpatient, visit.mdtrt_id, net)
             result = self._split(policy, state, visit)
             info = result.setlinfo
             wallet_pay = info.psn_cash_pay if method in ("card", "qr") else 0
@@ -902,7 +904,9 @@ class SettlementService:
         done = self._find_reversal(orig, msgid)
         if done is not None:
             return done
-        legs = [(c, d, a) for d, c, a in self._own_legs(orig)]
+        own = self._own_legs(orig)
+        legs = [(c, d, a) for d, c, a in own]
+        guard = self._interim_guard(orig, own, "cancel an interim batch")
         cancel_id = derived_id("C", key)
 
         def book(business_date: dt.date) -> dict:
@@ -916,7 +920,7 @@ class SettlementService:
                 return self._document_from(row, replayed=False)
             entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
                               transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
-                              metadata={"setl_id": cancel_id, "legs_from": 0})
+                              metadata={"setl_id": cancel_id, "legs_from": 0}, assertions=guard)
             try:
                 outcome = self._post(entry, (DayOpen(business_date), InsertRows(settlements, [row])))
             except RowTaken:  # the msgid was taken by a concurrent request
@@ -925,11 +929,33 @@ class SettlementService:
                 done = self._find_reversal(orig, msgid)
                 if done is not None:
                     return done
+                if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:  # only the guard asserts
+                    raise Conflict("admission_already_settled", f"admission {orig.mdtrt_id} got its final "
+                                   "settlement meanwhile; to cancel an interim batch of it, cancel the final "
+                                   "settlement first")
                 if not outcome.ok:
                     raise self._refusal(outcome, legs)
             return self._document_from(row, replayed=False)
 
         return book_on_open_day(self.days, book)
+
+    def _interim_guard(self, orig, own_legs, what: str) -> tuple[BalanceAssertion, ...]:
+        """For an interim batch of an admission (``orig`` inpatient, no admissions leg among
+        its ``own_legs``): refuse (:func:`refuse_closed_admission`) when the admission has its
+        final settlement, else the assertion that it still has none, for the entry that
+        undoes the batch (a final settled meanwhile fails it). ``()`` for any other settlement."""
+        if orig.med_type not in INPATIENT_MED_TYPES:
+            return ()
+        names = _state_accounts(orig.psn_no, orig.insu_year, orig.mdtrt_id, True)
+        if any(credit == names["admissions"] for _debit, credit, _amount in own_legs):
+            return ()  # the final settlement itself
+        try:
+            final = self.ledger.balance(names["adm_final"])
+        except KeyError:  # never opened: no final settlement was ever posted to it
+            return ()
+        refuse_closed_admission(True, orig.mdtrt_id, {"adm_final": final.credits_posted - final.debits_posted},
+                                what=what)
+        return (BalanceAssertion(names["adm_final"], 0),)
 
     def _reversal_or_msgid_reused(self, orig, msgid: str) -> dict:
         """After this message's reversal row could not be written: the reversal this message
@@ -1019,6 +1045,8 @@ class SettlementService:
         business_date = self.days.current()
         for _attempt in range(ATTEMPTS_MAX):
             state, net = self._read_state(names)
+            if interim:  # the entry asserts adm_final as read: a final settled meanwhile fails it
+                refuse_closed_admission(True, orig.mdtrt_id, net, what="refund an interim batch")
             dedc_field = "admission_deductible_used_fen" if inpatient else "deductible_used_ytd_fen"
             adjusted = dict(state.to_dict())
             adjusted[dedc_field] -= info0["act_pay_dedc"]

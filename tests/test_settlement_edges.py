@@ -76,6 +76,15 @@ def test_an_admission_has_one_final_settlement(world):
             v = world.visit(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="4", mid_setl_flag="1")
             getattr(world.svc, op)(CLINIC, v)
         assert exc.value.code == "admission_already_settled" and "cancel the final settlement" in str(exc.value)
+    # so is cancelling or refunding an interim batch of it: the final holds the admission's
+    # deductible, which undoing a batch would leave to be borne again (a tester's F1, F2)
+    with pytest.raises(Conflict) as exc:
+        world.svc.cancel(CLINIC, interim["setl_id"], {"msgid": world.msgid(world.next())})
+    assert exc.value.code == "admission_already_settled" and "cancel an interim batch" in str(exc.value)
+    with pytest.raises(Conflict) as exc:
+        world.svc.refund(CLINIC, interim["setl_id"], {"msgid": world.msgid(world.next()),
+                                                      "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    assert exc.value.code == "admission_already_settled" and "refund an interim batch" in str(exc.value)
     assert nothing_moved(snap, world.pending_free_snapshot())
     assert world.accum("admissions", p, year) == 1
     # after the final settlement is cancelled, the admission can be closed again — once
@@ -306,3 +315,28 @@ def test_a_card_presented_for_nothing_due_from_its_wallet_must_be_active_and_the
     world.c.cards.set_status(p.pan, "active")
     doc = world.svc.settle(CLINIC, dict(v, payment={"method": "card", "pan": p.pan}))
     assert doc["setlinfo"]["acct_pay"] > 0 and doc["setlinfo"]["psn_cash_pay"] == 0
+
+
+def test_an_interim_batch_cancelled_while_the_final_is_settled_is_refused(world, monkeypatch):
+    """Cancel of an interim batch racing with the admission's final settlement: the cancel
+    read "no final yet", the final commits before the cancel's entry; the entry's assertion
+    (adm_final still 0) fails and the cancel is refused, nothing moved by it."""
+    p = world.add_person(personal_fen=0)
+    mdtrt = f"ADM{world.next():08d}"
+    bill = world.bill(("A", "600.00", "2"))
+    interim = world.settle(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="1", mid_setl_flag="1")
+    svc = world.svc
+    real = svc._post
+    raced: list = []
+
+    def final_first(entry, hook):
+        if entry.kind == "reversal" and not raced:
+            raced.append(world.settle(p, bill, med_type="21", mdtrt_id=mdtrt, chrg_bchno="2", mid_setl_flag="0"))
+        return real(entry, hook)
+
+    monkeypatch.setattr(svc, "_post", final_first)
+    with pytest.raises(Conflict) as exc:
+        svc.cancel(CLINIC, interim["setl_id"], {"msgid": world.msgid(world.next())})
+    assert exc.value.code == "admission_already_settled" and raced
+    assert svc.get(CLINIC, interim["setl_id"])["status"] == "settled"
+    assert world.accum("admissions", p, world.year()) == 1
