@@ -939,6 +939,15 @@ class SettlementService:
 
         return book_on_open_day(self.days, book)
 
+    def _admission_ordinal(self, orig, names: dict[str, str]) -> int:
+        """Which admission of the insurance year the final settlement ``orig`` closed (1 for the
+        first): the person's admissions accumulator as of its ledger entry, itself included.
+        A partial refund re-splits the admission as that one (the 2nd and later admissions of
+        a year bear a reduced deductible), not as the count of admissions closed by now."""
+        entry = self.ledger.entry(orig.entry_key)
+        count = self.ledger.balance(names["admissions"], as_of_us=entry.ts_us)
+        return max(1, count.credits_posted - count.debits_posted)
+
     def _interim_guard(self, orig, own_legs, what: str) -> tuple[BalanceAssertion, ...]:
         """For an interim batch of an admission (``orig`` inpatient, no admissions leg among
         its ``own_legs``): refuse (:func:`refuse_closed_admission`) when the admission has its
@@ -1038,6 +1047,7 @@ class SettlementService:
         inpatient = policy.is_inpatient
         # An interim (中途) inpatient settlement has no admissions leg; its refund stays interim.
         interim = inpatient and not any(leg[1] == names["admissions"] for leg in old_legs)
+        ordinal = self._admission_ordinal(orig, names) if inpatient and not interim else 0
         key = undo_key(setl_id)
         new_id = derived_id("S", key)
         visit = Visit(msgid, orig.mdtrt_id, (RESERVED_CHAR + "R" + new_id)[:ID_CHARS_MAX], orig.psn_no, orig.med_type, interim,
@@ -1053,8 +1063,10 @@ class SettlementService:
             adjusted["fund_paid_ytd_fen"] -= info0["hifp_pay"]
             adjusted["serious_illness_paid_ytd_fen"] -= info0["hifmi_pay"]
             adjusted["personal_account_balance_fen"] += info0["acct_pay"]
-            if inpatient and any(leg[1] == names["admissions"] for leg in old_legs):
-                adjusted["admissions_ytd"] -= 1
+            if inpatient and not interim:
+                # the re-split is the same admission of the year as the original was (its
+                # deductible depends on it), whatever admissions were closed after it
+                adjusted["admissions_ytd"] = ordinal - 1
             try:
                 without = PersonState(**adjusted)
             except SplitInputError:  # a negative figure: the original was reversed since it was read

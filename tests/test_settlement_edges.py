@@ -340,3 +340,27 @@ def test_an_interim_batch_cancelled_while_the_final_is_settled_is_refused(world,
     assert exc.value.code == "admission_already_settled" and raced
     assert svc.get(CLINIC, interim["setl_id"])["status"] == "settled"
     assert world.accum("admissions", p, world.year()) == 1
+
+
+def test_a_partial_refund_of_a_final_settlement_keeps_its_admission_of_the_year(world):
+    """The first admission of the year is refunded in part after a second one closed: its
+    remaining lines are re-split as the first admission (full deductible), not as the second
+    (which the count of admissions closed by now would say, and whose deductible is reduced):
+    the refund equals the difference of two settlements of that first admission."""
+    from settlement.split import PersonState, parse_bill_lines, split_visit
+
+    p = world.add_person(personal_fen=0)
+    first = world.settle(p, world.bill(("A", "300.00", "4")), med_type="21", mdtrt_id=f"ADM{world.next():08d}",
+                         chrg_bchno="1")
+    second = world.settle(p, world.bill(("A", "300.00", "4")), med_type="21", mdtrt_id=f"ADM{world.next():08d}",
+                          chrg_bchno="1")
+    assert second["setlinfo"]["act_pay_dedc"] < first["setlinfo"]["act_pay_dedc"]  # the 2nd bears less
+    refund = world.svc.refund(CLINIC, first["setl_id"], {"msgid": world.msgid(world.next()),
+                                                         "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    policy = world.c.settlements.policies.find("310", False, CLINIC.hospital_tier, "21")
+    line = {k: v for k, v in first["lines"][0].items() if v is not None and k in (
+        "feedetl_sn", "hilist_code", "name", "chrgitm_lv", "pric", "selfpay_prop", "pric_uplmt_amt")}
+    remaining = parse_bill_lines([dict(line, cnt="3")])  # 4 billed, 1 returned
+    fresh = split_visit(policy, PersonState(fund_paid_ytd_fen=second["setlinfo"]["hifp_pay"]), remaining)
+    assert refund["setlinfo"]["act_pay_dedc"] == fresh.setlinfo.act_pay_dedc == first["setlinfo"]["act_pay_dedc"]
+    assert refund["setlinfo"]["hifp_pay"] == fresh.setlinfo.hifp_pay
