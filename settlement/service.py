@@ -47,11 +47,11 @@ import orjson
 from sqlalchemy import Connection, Engine, and_, bindparam, or_, select
 
 from card.service import CardService, local_date
-from ledger.db import HookRefused, is_unique_violation
+from ledger.db import HOOK_REFUSED, HookRefused, is_unique_violation
 from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
 from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryResult, EntrySpec,
                           TransferResult, TransferSpec)
-from ledger.store import InsertRows, Ledger
+from ledger.store import BatchedHook, InsertRows, Ledger
 from settlement import chart, declines
 from settlement.catalogue import Catalogue, CatalogueItem
 from settlement.days import BusinessDays, DayOpen, book_on_open_day, is_day_closed
@@ -230,6 +230,57 @@ def refuse_closed_admission(inpatient: bool, mdtrt_id: str, net: dict[str, int],
         raise Conflict("admission_already_settled",
                        f"admission {mdtrt_id} already has its final settlement; to {what} of it, cancel the "
                        "final settlement first")
+
+
+ADMISSION_CLOSED = "admission_already_settled"
+
+
+class AdmissionOpen(BatchedHook):
+    """A hook for a row that books an inpatient charge batch (or undoes one) without a ledger
+    entry to assert with (nothing moves: all paid in cash at the counter): in the row's own
+    transaction it holds the admission's ``adm_final`` accumulator ``FOR SHARE`` and refuses
+    (:class:`HookRefused` ``admission_already_settled``) when its final settlement is made. A
+    final settled concurrently either waits for this transaction (and follows it) or committed
+    before it (and refuses it) — the guard the balance assertion gives an entry that moves
+    money (:func:`refuse_closed_admission`)."""
+
+    __slots__ = ("account",)
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+
+    merge_key = "admissions"
+    pg_prepared = {"admission_open_v1": f"""
+PREPARE admission_open_v1 (text[]) AS
+WITH a AS MATERIALIZED (
+    SELECT a.name, a.credits_posted - a.debits_posted AS n FROM ledger_accounts a
+    WHERE a.name = ANY($1) ORDER BY a.id FOR SHARE
+)
+SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM a WHERE n > 0) THEN 0
+            ELSE CAST('{HOOK_REFUSED}{ADMISSION_CLOSED} ' || (SELECT min(name) FROM a WHERE n > 0) AS int)
+       END
+"""}
+
+    @classmethod
+    def pg_sql(cls, hooks: list) -> str:
+        from ledger.store_pg import text_array
+
+        return f"EXECUTE admission_open_v1({text_array(sorted({h.account for h in hooks}))}); "
+
+    @classmethod
+    def run_sa(cls, conn, hooks: list) -> None:
+        from ledger import schema as ls
+
+        a = ls.accounts.c
+        closed = conn.execute(select(a.name).where(a.name.in_(sorted({h.account for h in hooks})),
+                                                   a.credits_posted - a.debits_posted > 0)).first()
+        if closed is not None:
+            raise HookRefused(f"{ADMISSION_CLOSED} {closed.name}")
+
+
+def is_admission_closed(exc: BaseException) -> bool:
+    """True for the :class:`HookRefused` of :class:`AdmissionOpen`."""
+    return isinstance(exc, HookRefused) and str(exc).startswith(ADMISSION_CLOSED)
 
 
 def undo_key(setl_id: str) -> str:
@@ -663,8 +714,11 @@ class SettlementService:
             doc["status"] = "settled"
             if not legs:
                 try:
-                    inserted = self._insert_rows([row])
+                    inserted = self._insert_rows([row], (AdmissionOpen(names["adm_final"]),) if policy.is_inpatient
+                                                 else ())
                 except HookRefused as exc:
+                    if is_admission_closed(exc):  # the final was settled since it was read
+                        refuse_closed_admission(True, visit.mdtrt_id, {"adm_final": 1})
                     if not is_day_closed(exc):
                         raise
                     business_date = self._day_after_refusal()
@@ -815,15 +869,16 @@ class SettlementService:
                     entry_key=entry_key, kind=kind, original_setl_id=original, created_ts=self.clock_us(),
                     arpc=arpc)
 
-    def _insert_rows(self, rows: list[dict]) -> bool:
+    def _insert_rows(self, rows: list[dict], guards: tuple = ()) -> bool:
         """Insert settlement rows of an entry that moves no money (everything paid in cash at
         the counter), in a transaction that checks their business day is still open (the same
         :class:`settlement.days.DayOpen` guard as a posting's; :meth:`Ledger.run_hooks`: one
-        message on PostgreSQL). Returns False when a concurrent duplicate inserted them first;
-        raises :class:`HookRefused` (``business_day_closed``) when the day is no longer open
-        (nothing is written)."""
+        message on PostgreSQL) and runs ``guards`` (:class:`AdmissionOpen`). Returns False when
+        a concurrent duplicate inserted them first; raises :class:`HookRefused`
+        (``business_day_closed``, or a guard's) when refused (nothing is written)."""
         try:
-            self.ledger.run_hooks([*(DayOpen(r["business_date"]) for r in rows), InsertRows(settlements, rows)])
+            self.ledger.run_hooks([*(DayOpen(r["business_date"]) for r in rows), *guards,
+                                   InsertRows(settlements, rows)])
         except Exception as exc:
             if is_unique_violation(exc):
                 return False
@@ -915,8 +970,14 @@ class SettlementService:
                        original_setl_id=setl_id, entry_key=key, business_date=business_date,
                        created_ts=self.clock_us(), request_hash=fingerprint({"cancel": setl_id}))
             if not legs:
-                if not self._insert_rows([row]):
-                    return self._reversal_or_msgid_reused(orig, msgid)
+                try:
+                    if not self._insert_rows([row], tuple(AdmissionOpen(g.account) for g in guard)):
+                        return self._reversal_or_msgid_reused(orig, msgid)
+                except HookRefused as exc:
+                    if is_admission_closed(exc):  # the final was settled since it was read
+                        refuse_closed_admission(True, orig.mdtrt_id, {"adm_final": 1},
+                                                what="cancel an interim batch")
+                    raise
                 return self._document_from(row, replayed=False)
             entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
                               transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),

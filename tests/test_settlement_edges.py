@@ -364,3 +364,35 @@ def test_a_partial_refund_of_a_final_settlement_keeps_its_admission_of_the_year(
     fresh = split_visit(policy, PersonState(fund_paid_ytd_fen=second["setlinfo"]["hifp_pay"]), remaining)
     assert refund["setlinfo"]["act_pay_dedc"] == fresh.setlinfo.act_pay_dedc == first["setlinfo"]["act_pay_dedc"]
     assert refund["setlinfo"]["hifp_pay"] == fresh.setlinfo.hifp_pay
+
+
+@pytest.mark.parametrize("undo", [False, True])
+def test_an_interim_batch_that_moves_no_money_races_the_final_and_is_refused(world, monkeypatch, undo):
+    """A wholly self-paid interim batch paid in cash moves no money, so no entry asserts the
+    admission's state: its row's transaction holds the admission FOR SHARE instead (AdmissionOpen).
+    The final settled between its read and its write refuses it (settling it, or cancelling
+    one settled before); nothing of it is written."""
+    p = world.add_person(personal_fen=0)
+    mdtrt = f"ADM{world.next():08d}"
+    self_paid = world.bill(("C", "80.00", "1"))
+    earlier = world.settle(p, self_paid, med_type="21", mdtrt_id=mdtrt, chrg_bchno="1", mid_setl_flag="1")
+    assert earlier["setlinfo"]["fund_pay_sumamt"] == 0 and earlier["setlinfo"]["psn_cash_pay"] > 0
+    svc = world.svc
+    real = svc._insert_rows
+    raced: list = []
+
+    def final_first(rows, guards=()):
+        if not raced:
+            raced.append(world.settle(p, world.bill(("A", "600.00", "2")), med_type="21", mdtrt_id=mdtrt,
+                                      chrg_bchno="9", mid_setl_flag="0"))
+        return real(rows, guards)
+
+    monkeypatch.setattr(svc, "_insert_rows", final_first)
+    with pytest.raises(Conflict) as exc:
+        if undo:
+            svc.cancel(CLINIC, earlier["setl_id"], {"msgid": world.msgid(world.next())})
+        else:
+            svc.settle(CLINIC, world.visit(p, self_paid, med_type="21", mdtrt_id=mdtrt, chrg_bchno="2",
+                                           mid_setl_flag="1"))
+    assert exc.value.code == "admission_already_settled" and raced
+    assert svc.get(CLINIC, earlier["setl_id"])["status"] == "settled"
