@@ -778,8 +778,10 @@ class SettlementService:
         if auth is not None:  # the card (or QR code) authorised it: its counter is spent with this refusal
             what = "QR code" if auth.method == "qr" else "card"
             raise Conflict("settlement_contended", f"the person's accounts kept changing; the {what}'s "
-                           f"authorisation is used up: present the {what} again, under a new msgid")
-        raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid")
+                           f"authorisation is used up: present the {what} again, under a new msgid",
+                           retry="new_authorisation")
+        raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid",
+                       retry="same_msgid")
 
     def _presented_card(self, pan, sc: SettleContext, citizen) -> None:
         """A card presented for a visit that leaves nothing for its wallet to pay (the funds and
@@ -1179,4 +1181,5 @@ class SettlementService:
             if done is not None:
                 return done
             raise self._refusal(outcome, list(reverse + new_legs))
-        raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid")
+        raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid",
+                       retry="same_msgid")

@@ -12,11 +12,12 @@ badly signed answer raises :class:`UntrustedAnswer`.
 A settlement whose answer was lost (timeout, connection reset) is resolved by
 :meth:`TerminalClient.settle_safely`: it asks the engine what that message id settled (NHSA
 5203) and only re-sends the same request — same ``msgid``, same visit and charge batch, so the
-engine's idempotency returns the first settlement — when the engine has no record of it. A cash
+engine's idempotency returns the first settlement — when the engine has no record of it. A
 settlement refused with 409 ``settlement_contended`` (the person's accounts kept changing under
-concurrent settlements; nothing moved) is sent again with the same msgid, as the engine's
-message says, a few times after a short random pause; a card or QR one is not (its
-authorisation is used up: the card must be presented again under a new msgid).
+concurrent settlements; nothing moved) is sent again with the same msgid when the problem's
+``retry`` member says ``same_msgid``, a few times after a short random pause; not when it says
+``new_authorisation`` (a card or QR code's authorisation is used up: it must be presented again
+under a new msgid).
 """
 
 from __future__ import annotations
@@ -96,12 +97,13 @@ def _unsigned_problem(response: httpx.Response, failure: SignatureError) -> Unsi
     return UnsignedProblem(response.status_code, doc)
 
 
-def _retry_same_msgid(exc: EngineError, visit: dict) -> bool:
-    """Whether a settlement's problem asks for the same message again: a 409
-    ``settlement_contended`` of a cash settlement (a card or QR one spent its authorisation)."""
-    payment = visit.get("payment") if isinstance(visit, dict) else None
+def _retry_same_msgid(exc: EngineError) -> bool:
+    """Whether a settlement's problem asks for the same message again: a signed 409
+    ``settlement_contended`` whose ``retry`` member says ``same_msgid`` (nothing was authorised:
+    a cash visit, or one whose card had nothing to pay); ``new_authorisation`` when a card or
+    QR code authorised it and spent its authorisation (only the cashier can present it again)."""
     return (exc.signed and exc.status == 409 and exc.code == "settlement_contended"
-            and isinstance(payment, dict) and payment.get("method") == "cash")
+            and exc.problem.get("retry") == "same_msgid")
 
 
 class TerminalClient:
@@ -174,13 +176,14 @@ class TerminalClient:
         out, the last unknown-outcome error (never the query's "not found", which would read as
         "not settled" while the last copy may still land).
 
-        A 409 ``settlement_contended`` of a cash settlement (``payment.method`` "cash": no card
-        authorised it, nothing moved) is sent again with the same msgid up to
-        ``CONTENDED_RETRIES_MAX`` times, after a random pause below ``CONTENDED_BACKOFF_S``
-        doubled each time (full jitter, so colliding terminals do not collide again in
-        lock-step), as the engine's problem says; then the last 409 is raised. A card or QR
-        settlement's 409 is raised at once: its authorisation is used up, and only the cashier
-        can present the card again, under a new msgid."""
+        A 409 ``settlement_contended`` whose problem says ``"retry": "same_msgid"`` (nothing was
+        authorised: a cash visit, or a card one with nothing to pay by card; nothing moved) is
+        sent again with the same msgid up to ``CONTENDED_RETRIES_MAX`` times, after a random
+        pause below ``CONTENDED_BACKOFF_S`` doubled each time (full jitter, so colliding
+        terminals do not collide again in lock-step); then the last 409 is raised. One that
+        says ``"new_authorisation"`` is raised at once: the card or QR code authorised it and
+        its authorisation is used up, so only the cashier can present it again, under a new
+        msgid."""
         contended = 0
         unknown_outcomes = 0
         while True:
@@ -188,7 +191,7 @@ class TerminalClient:
                 return self.settle(visit)
             except (httpx.TransportError, EngineError) as exc:
                 if isinstance(exc, EngineError) and (exc.status != 503 or not exc.signed):
-                    if not (_retry_same_msgid(exc, visit) and contended < CONTENDED_RETRIES_MAX):
+                    if not (_retry_same_msgid(exc) and contended < CONTENDED_RETRIES_MAX):
                         raise
                     time.sleep(random.uniform(0, CONTENDED_BACKOFF_S * 2 ** contended))
                     contended += 1

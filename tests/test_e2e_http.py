@@ -646,16 +646,20 @@ def counting_client(eng, monkeypatch):
                                                    eng.container.keys.engine_key.public_key(), transport=transport)
 
 
-def test_a_contended_cash_settlement_is_sent_again_with_the_same_msgid(eng, monkeypatch):
-    """409 settlement_contended for cash says "retry with the same msgid": the SDK does, a
-    bounded number of times, and the visit settles once."""
+@pytest.mark.parametrize("payment", [{"method": "cash"}, None])
+def test_a_contended_cash_settlement_is_sent_again_with_the_same_msgid(eng, monkeypatch, payment):
+    """409 settlement_contended with nothing authorised says "retry with the same msgid"
+    (``retry``: ``same_msgid``): the SDK does, a bounded number of times, and the visit settles
+    once — also for a visit that names no payment (cash by default)."""
     from sqlalchemy import func, select
 
     from settlement.schema import settlements
 
     contend(eng, monkeypatch, 2)
     transport, client = counting_client(eng, monkeypatch)
-    v = visit(eng, 80, payment={"method": "cash"})
+    v = visit(eng, 80 if payment else 84, payment={"method": "cash"})
+    if payment is None:
+        del v["payment"]
     with client:
         doc = client.settle_safely(v)
     assert doc["replayed"] is False and transport.settles == 3
@@ -674,6 +678,7 @@ def test_a_cash_settlement_contended_every_time_is_surfaced_after_a_few_retries(
         with pytest.raises(EngineError) as caught:
             client.settle_safely(visit(eng, 81, payment={"method": "cash"}))
     assert (caught.value.status, caught.value.code) == (409, "settlement_contended")
+    assert caught.value.problem["retry"] == "same_msgid"
     assert transport.settles == 1 + CONTENDED_RETRIES_MAX
     moved = {k: v for k, v in ledger_snapshot(eng).items() if v != (0, 0, 0, 0)}
     assert moved == {k: v for k, v in snap.items() if v != (0, 0, 0, 0)}  # accounts opened, nothing moved
@@ -693,6 +698,7 @@ def test_a_contended_card_settlement_is_surfaced_not_sent_again(eng, monkeypatch
             client.settle_safely(v)
     assert (caught.value.status, caught.value.code) == (409, "settlement_contended")
     assert "present the card again, under a new msgid" in caught.value.problem["detail"]
+    assert caught.value.problem["retry"] == "new_authorisation"
     assert transport.settles == 1
 
 
