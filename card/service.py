@@ -21,7 +21,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from card import cryptogram as cg
 from card.accounts import wallet_spec
-from card.identity import is_valid_gb11643, is_valid_luhn
+from card.identity import birth_date_of, is_valid_gb11643, is_valid_luhn
 from card.schema import cards, citizens
 from ledger.db import HOOK_REFUSED, HookRefused, is_sqlite, write_connection
 from ledger.errors import Conflict, Invalid, NotFound, Rejected
@@ -29,6 +29,8 @@ from ledger.model import AccountResult
 from ledger.store import BatchedHook, Ledger
 
 QR_VALIDITY_S = 60
+#: GB/T 2261.1 sex codes, as NHSA's gend: unknown, male, female, unstated
+SEX_CODES = ("0", "1", "2", "9")
 #: The terminals' and the engine's local time zone (China Standard Time): business days,
 #: insurance years and card transaction dates are its calendar dates.
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
@@ -71,10 +73,18 @@ class CardService:
                          insutype: str, retired: bool) -> bool:
         """Register an insured person (idempotent by ``psn_no``). Returns True when new.
 
-        Raises Invalid for an identity number failing GB 11643's check digit, Conflict when
-        ``psn_no`` exists with other data."""
+        ``gend`` is GB/T 2261.1's sex code ("0" unknown, "1" male, "2" female, "9" unstated);
+        ``brdy`` must be the birth date the identity number carries (the catalogue's age
+        restrictions are decided on it). Raises Invalid for an identity number failing GB
+        11643's check digit (``certno_invalid``), another sex code (``gend_invalid``) or birth
+        date (``brdy_mismatch``); Conflict when ``psn_no`` exists with other data."""
         if not is_valid_gb11643(certno):
             raise Invalid("certno_invalid", f"{certno!r} is not a valid GB 11643 identity number")
+        if gend not in SEX_CODES:
+            raise Invalid("gend_invalid", f"gend {gend!r} is not a GB/T 2261.1 sex code (0, 1, 2 or 9)")
+        if brdy != birth_date_of(certno):
+            raise Invalid("brdy_mismatch", f"brdy {brdy} is not the birth date of identity number {certno} "
+                          f"({birth_date_of(certno)})")
         if insutype not in ("310", "390"):
             raise Invalid("insutype_unknown", f"insutype {insutype!r} is not 310 or 390")
         row = dict(psn_no=psn_no, certno=certno, psn_name=psn_name, gend=gend, brdy=brdy,

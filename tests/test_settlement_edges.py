@@ -396,3 +396,23 @@ def test_an_interim_batch_that_moves_no_money_races_the_final_and_is_refused(wor
                                            mid_setl_flag="1"))
     assert exc.value.code == "admission_already_settled" and raced
     assert svc.get(CLINIC, earlier["setl_id"])["status"] == "settled"
+
+
+def test_a_person_is_registered_with_a_sex_code_and_the_birth_date_of_their_identity_number(world):
+    """The catalogue's sex and age restrictions are decided on gend and brdy: a sex code outside
+    GB/T 2261.1 and a birth date other than the identity number's are refused (a tester got
+    'the person is -4' from a future brdy)."""
+    import random
+
+    from card.identity import birth_date_of, synthetic_sfz
+
+    certno = synthetic_sfz(random.Random(3), "330302", dt.date(1990, 2, 3))
+    person = dict(psn_no="330399990000001", certno=certno, psn_name="测试", insutype="310", retired=False)
+    with pytest.raises(Invalid) as exc:
+        world.c.cards.register_citizen(**person, gend="M", brdy=birth_date_of(certno))
+    assert exc.value.code == "gend_invalid"
+    for brdy in (dt.date(2030, 1, 1), dt.date(1990, 2, 4)):
+        with pytest.raises(Invalid) as exc:
+            world.c.cards.register_citizen(**person, gend="2", brdy=brdy)
+        assert exc.value.code == "brdy_mismatch" and "1990-02-03" in exc.value.detail
+    assert world.c.cards.register_citizen(**person, gend="2", brdy=dt.date(1990, 2, 3))
