@@ -97,13 +97,19 @@ def _unsigned_problem(response: httpx.Response, failure: SignatureError) -> Unsi
     return UnsignedProblem(response.status_code, doc)
 
 
-def _retry_same_msgid(exc: EngineError) -> bool:
+def _retry_same_msgid(exc: EngineError, visit: dict) -> bool:
     """Whether a settlement's problem asks for the same message again: a signed 409
     ``settlement_contended`` whose ``retry`` member says ``same_msgid`` (nothing was authorised:
     a cash visit, or one whose card had nothing to pay); ``new_authorisation`` when a card or
-    QR code authorised it and spent its authorisation (only the cashier can present it again)."""
-    return (exc.signed and exc.status == 409 and exc.code == "settlement_contended"
-            and exc.problem.get("retry") == "same_msgid")
+    QR code authorised it and spent its authorisation (only the cashier can present it again).
+    From an engine that does not send ``retry`` yet: a cash visit's (``payment.method`` "cash")."""
+    if not (exc.signed and exc.status == 409 and exc.code == "settlement_contended"):
+        return False
+    retry = exc.problem.get("retry")
+    if retry is not None:
+        return retry == "same_msgid"
+    payment = visit.get("payment") if isinstance(visit, dict) else None
+    return isinstance(payment, dict) and payment.get("method") == "cash"
 
 
 class TerminalClient:
@@ -191,7 +197,7 @@ class TerminalClient:
                 return self.settle(visit)
             except (httpx.TransportError, EngineError) as exc:
                 if isinstance(exc, EngineError) and (exc.status != 503 or not exc.signed):
-                    if not (_retry_same_msgid(exc) and contended < CONTENDED_RETRIES_MAX):
+                    if not (_retry_same_msgid(exc, visit) and contended < CONTENDED_RETRIES_MAX):
                         raise
                     time.sleep(random.uniform(0, CONTENDED_BACKOFF_S * 2 ** contended))
                     contended += 1

@@ -77,3 +77,20 @@ def test_an_unsigned_404_to_the_query_never_reads_as_not_settled(monkeypatch):
         with pytest.raises(httpx.ReadTimeout):
             c.settle_safely({"msgid": "X", "payment": {"method": "cash"}})
     assert seen == ["POST", "GET"] * client_module.RETRIES_MAX
+
+
+@pytest.mark.parametrize("problem, method, again", [
+    ({"retry": "same_msgid"}, "cash", True),
+    ({"retry": "same_msgid"}, "card", True),          # a card visit with nothing to pay by card
+    ({"retry": "new_authorisation"}, "card", False),  # the card's authorisation is used up
+    ({}, "cash", True),                               # an engine that sends no retry member yet
+    ({}, "card", False),
+])
+def test_which_contended_settlements_the_sdk_sends_again(problem, method, again):
+    from terminals.client import EngineError, UnsignedProblem, _retry_same_msgid
+
+    doc = {"status": 409, "code": "settlement_contended", **problem}
+    visit = {"msgid": "m", "payment": {"method": method}}
+    assert _retry_same_msgid(EngineError(409, doc), visit) is again
+    assert _retry_same_msgid(UnsignedProblem(409, doc), visit) is False  # nobody vouches for it
+    assert _retry_same_msgid(EngineError(409, dict(doc, code="msgid_reused")), visit) is False
