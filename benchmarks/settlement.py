@@ -118,7 +118,7 @@ def setup_engine(url: str, tmp: Path, catalogue: Path, persons: int, *, group_co
     def one(i: int) -> Citizen:
         rng = random.Random(i)
         psn_no = f"3303{i:012d}"
-        certno = synthetic_sfz(rng, "330302", dt.date(1940, 1, 1) + dt.timedelta(days=7 * i))
+        certno = synthetic_sfz(rng, "330302", dt.date(1940, 1, 1) + dt.timedelta(days=7 * i), sex="M")
         c.cards.register_citizen(psn_no=psn_no, certno=certno, psn_name="基准", gend="1",
                                  brdy=birth_date_of(certno), insutype="310", retired=False)
         pan = synthetic_pan(rng)

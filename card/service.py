@@ -21,7 +21,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from card import cryptogram as cg
 from card.accounts import wallet_spec
-from card.identity import birth_date_of, is_valid_gb11643, is_valid_luhn
+from card.identity import birth_date_of, is_valid_gb11643, is_valid_luhn, sex_of
 from card.schema import cards, citizens
 from ledger.db import HOOK_REFUSED, HookRefused, is_sqlite, write_connection
 from ledger.errors import Conflict, Invalid, NotFound, Rejected
@@ -73,15 +73,19 @@ class CardService:
                          insutype: str, retired: bool) -> bool:
         """Register an insured person (idempotent by ``psn_no``). Returns True when new.
 
-        ``gend`` is GB/T 2261.1's sex code ("0" unknown, "1" male, "2" female, "9" unstated);
-        ``brdy`` must be the birth date the identity number carries (the catalogue's age
-        restrictions are decided on it). Raises Invalid for an identity number failing GB
-        11643's check digit (``certno_invalid``), another sex code (``gend_invalid``) or birth
-        date (``brdy_mismatch``); Conflict when ``psn_no`` exists with other data."""
-        if not is_valid_gb11643(certno):
+        ``gend`` is GB/T 2261.1's sex code ("0" unknown, "1" male, "2" female, "9" unstated)
+        and, when it says male or female, the sex the identity number carries; ``brdy`` must be
+        the birth date it carries (the catalogue's sex and age restrictions are decided on
+        them). Raises Invalid for an identity number failing GB 11643 (check digit, or a birth
+        date after today: ``certno_invalid``), another sex code (``gend_invalid``), sex
+        (``gend_mismatch``) or birth date (``brdy_mismatch``); Conflict when ``psn_no`` exists
+        with other data."""
+        if not is_valid_gb11643(certno, today=self.local_date()):
             raise Invalid("certno_invalid", f"{certno!r} is not a valid GB 11643 identity number")
         if gend not in SEX_CODES:
             raise Invalid("gend_invalid", f"gend {gend!r} is not a GB/T 2261.1 sex code (0, 1, 2 or 9)")
+        if gend in ("1", "2") and gend != ("1" if sex_of(certno) == "M" else "2"):
+            raise Invalid("gend_mismatch", f"gend {gend} is not the sex of identity number {certno}")
         if brdy != birth_date_of(certno):
             raise Invalid("brdy_mismatch", f"brdy {brdy} is not the birth date of identity number {certno} "
                           f"({birth_date_of(certno)})")

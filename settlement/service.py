@@ -21,6 +21,14 @@ the pure :func:`settlement.split.split_visit` decides, the service posts one led
 * **Partial refund**: one entry that reverses the original and posts the re-split of the
   remaining lines, so each payer gets back exactly its difference.
 * **Query** (5203) by message id resolves a settlement whose answer was lost.
+* **Catalogue restrictions**: a line whose item the visit may not claim (inpatients only, a
+  minimum hospital level, one sex, an age range: :func:`restriction_unmet`) is settled wholly
+  self-paid, the reason in its ``memo``.
+* **Admissions**: the final (discharge) settlement closes an admission: no more batches of it,
+  and no cancellation or partial refund of its interim batches, until the final is cancelled
+  (:func:`admission_closed`; asserted by the entry, or held by :class:`AdmissionOpen` for a row
+  that moves no money). Its entry records which admission of the year it closed
+  (``admission_no``), and a partial refund re-splits it as that one.
 
 Every row is booked to the open business day, checked in the row's own transaction
 (:class:`settlement.days.DayOpen`); when that day began closing meanwhile the booking is made
@@ -217,22 +225,36 @@ def restriction_unmet(item: CatalogueItem, *, inpatient: bool, hospital_tier: in
     return None
 
 
+ADMISSION_CLOSED = "admission_already_settled"
+#: the ledger entry metadata of an admission's final settlement (and of its refunds' re-splits):
+#: which admission of the insurance year it closed, 1 for the first
+ADMISSION_NO = "admission_no"
+
+
+def admission_closed(mdtrt_id: str, what: str = "settle more charges") -> Conflict:
+    """The Conflict ``admission_already_settled`` for ``what`` (an action on a batch) of the
+    admission ``mdtrt_id``, whose final (discharge) settlement is made. That settlement closes
+    the admission (NHSA 2304 with mid_setl_flag "0") and its figures — the deductible of that
+    admission above all — are the admission's whole: charges found afterwards are settled, and
+    an interim batch is cancelled or refunded, by cancelling the final one first (2305)."""
+    return Conflict(ADMISSION_CLOSED, f"admission {mdtrt_id} already has its final settlement; to {what} of it, "
+                    "cancel the final settlement first")
+
+
 def refuse_closed_admission(inpatient: bool, mdtrt_id: str, net: dict[str, int], *,
                             what: str = "settle more charges") -> None:
-    """Raise Conflict ``admission_already_settled`` when the admission ``mdtrt_id`` (an
-    ``inpatient`` visit) has its final (discharge) settlement (``net``: the state accounts' posted nets,
-    ``adm_final`` > 0). The discharge settlement closes the admission (NHSA 2304 with
-    mid_setl_flag "0") and its figures — the deductible of that admission above all — are
-    the admission's whole: charges found afterwards are settled, and an interim batch is
-    cancelled or refunded, by cancelling the final one first (2305). ``what`` names the
-    refused action in the message."""
+    """Raise :func:`admission_closed` when the admission ``mdtrt_id`` (an ``inpatient`` visit)
+    has its final settlement (``net``: the state accounts' posted nets, ``adm_final`` > 0)."""
     if inpatient and net.get("adm_final", 0) > 0:
-        raise Conflict("admission_already_settled",
-                       f"admission {mdtrt_id} already has its final settlement; to {what} of it, cancel the "
-                       "final settlement first")
+        raise admission_closed(mdtrt_id, what)
 
 
-ADMISSION_CLOSED = "admission_already_settled"
+def is_interim_batch(orig, own_legs, admissions_account: str) -> bool:
+    """Whether the settlement row ``orig`` is an interim batch of an admission: inpatient, and
+    none of its ledger legs (``own_legs``: (debit, credit, amount)) counts the admission on the
+    person's ``admissions_account`` (the final settlement's leg)."""
+    return orig.med_type in INPATIENT_MED_TYPES and not any(
+        credit == admissions_account for _debit, credit, _amount in own_legs)
 
 
 class AdmissionOpen(BatchedHook):
@@ -718,7 +740,7 @@ class SettlementService:
                                                  else ())
                 except HookRefused as exc:
                     if is_admission_closed(exc):  # the final was settled since it was read
-                        refuse_closed_admission(True, visit.mdtrt_id, {"adm_final": 1})
+                        raise admission_closed(visit.mdtrt_id) from None
                     if not is_day_closed(exc):
                         raise
                     business_date = self._day_after_refusal()
@@ -732,7 +754,8 @@ class SettlementService:
             entry = EntrySpec(
                 key=entry_key, kind="settlement",
                 transfers=tuple(TransferSpec(f"{entry_key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
-                metadata={"setl_id": setl_id, "legs_from": 0},
+                metadata=({"setl_id": setl_id, "legs_from": 0, ADMISSION_NO: state.admissions_ytd + 1}
+                          if policy.is_inpatient and not visit.interim else {"setl_id": setl_id, "legs_from": 0}),
                 assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
             hook = (DayOpen(business_date), InsertRows(settlements, [row]))
             try:
@@ -977,8 +1000,7 @@ class SettlementService:
                         return self._reversal_or_msgid_reused(orig, msgid)
                 except HookRefused as exc:
                     if is_admission_closed(exc):  # the final was settled since it was read
-                        refuse_closed_admission(True, orig.mdtrt_id, {"adm_final": 1},
-                                                what="cancel an interim batch")
+                        raise admission_closed(orig.mdtrt_id, "cancel an interim batch") from None
                     raise
                 return self._document_from(row, replayed=False)
             entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
@@ -993,9 +1015,7 @@ class SettlementService:
                 if done is not None:
                     return done
                 if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:  # only the guard asserts
-                    raise Conflict("admission_already_settled", f"admission {orig.mdtrt_id} got its final "
-                                   "settlement meanwhile; to cancel an interim batch of it, cancel the final "
-                                   "settlement first")
+                    raise admission_closed(orig.mdtrt_id, "cancel an interim batch")
                 if not outcome.ok:
                     raise self._refusal(outcome, legs)
             return self._document_from(row, replayed=False)
@@ -1004,10 +1024,14 @@ class SettlementService:
 
     def _admission_ordinal(self, orig, names: dict[str, str]) -> int:
         """Which admission of the insurance year the final settlement ``orig`` closed (1 for the
-        first): the person's admissions accumulator as of its ledger entry, itself included.
-        A partial refund re-splits the admission as that one (the 2nd and later admissions of
-        a year bear a reduced deductible), not as the count of admissions closed by now."""
+        first), as its ledger entry's metadata records it (``admission_no``, written by the
+        settlement and carried by every refund re-split of it). A partial refund re-splits the
+        admission as that one (the 2nd and later admissions of a year bear a reduced
+        deductible), not as the count of admissions closed by now. An entry written before
+        the metadata carried it: the person's admissions accumulator as of that entry."""
         entry = self.ledger.entry(orig.entry_key)
+        if ADMISSION_NO in entry.metadata:
+            return int(entry.metadata[ADMISSION_NO])
         count = self.ledger.balance(names["admissions"], as_of_us=entry.ts_us)
         return max(1, count.credits_posted - count.debits_posted)
 
@@ -1016,11 +1040,9 @@ class SettlementService:
         its ``own_legs``): refuse (:func:`refuse_closed_admission`) when the admission has its
         final settlement, else the assertion that it still has none, for the entry that
         undoes the batch (a final settled meanwhile fails it). ``()`` for any other settlement."""
-        if orig.med_type not in INPATIENT_MED_TYPES:
-            return ()
         names = _state_accounts(orig.psn_no, orig.insu_year, orig.mdtrt_id, True)
-        if any(credit == names["admissions"] for _debit, credit, _amount in own_legs):
-            return ()  # the final settlement itself
+        if not is_interim_batch(orig, own_legs, names["admissions"]):
+            return ()
         try:
             final = self.ledger.balance(names["adm_final"])
         except KeyError:  # never opened: no final settlement was ever posted to it
@@ -1109,7 +1131,7 @@ class SettlementService:
         old_legs = self._own_legs(orig)
         inpatient = policy.is_inpatient
         # An interim (中途) inpatient settlement has no admissions leg; its refund stays interim.
-        interim = inpatient and not any(leg[1] == names["admissions"] for leg in old_legs)
+        interim = is_interim_batch(orig, old_legs, names["admissions"])
         ordinal = self._admission_ordinal(orig, names) if inpatient and not interim else 0
         key = undo_key(setl_id)
         new_id = derived_id("S", key)
@@ -1152,18 +1174,23 @@ class SettlementService:
             new_row = self._row(ctx, visit, new_id, key, business_date, orig.insu_year, info, result,
                                 orig.pay_method, orig.pan, wallet_pay, kind="settlement", original=setl_id,
                                 insutype=citizen.insutype)
-            entry = EntrySpec(key=key, kind="refund", transfers=transfers,
-                              metadata={"setl_id": new_id, "legs_from": len(reverse), "undoes": orig.entry_key},
+            metadata = {"setl_id": new_id, "legs_from": len(reverse), "undoes": orig.entry_key}
+            if ordinal:
+                metadata[ADMISSION_NO] = ordinal  # the re-split closes the same admission of the year
+            entry = EntrySpec(key=key, kind="refund", transfers=transfers, metadata=metadata,
                               assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
             try:
                 if not transfers:  # nothing moved through the ledger either way: cash only
-                    if not self._insert_rows([cancel_row, new_row]):
+                    guards = (AdmissionOpen(names["adm_final"]),) if interim else ()
+                    if not self._insert_rows([cancel_row, new_row], guards):
                         return self._reversal_or_msgid_reused(orig, msgid)
                     return self._refund_document(new_row, info0, info, replayed=False)
                 outcome = self._post(entry, (DayOpen(business_date), InsertRows(settlements, [cancel_row, new_row])))
             except RowTaken:  # the msgid was taken by a concurrent request
                 return self._reversal_or_msgid_reused(orig, msgid)
             except HookRefused as exc:
+                if is_admission_closed(exc):  # the final was settled since it was read
+                    raise admission_closed(orig.mdtrt_id, "refund an interim batch") from None
                 if not is_day_closed(exc):
                     raise
                 business_date = self._day_after_refusal()  # the day began closing: book on the next

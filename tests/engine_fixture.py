@@ -81,7 +81,7 @@ def running_engine(db_url: str, tmp_path: Path, *, nonce_url: str = "memory://",
         reg.enrol(terminal_id="TM000001", org_code=MERCHANT, public_key=keys["TM000001"].public_key())
         reg.enrol(terminal_id="TH000001", org_code=CHANNEL, public_key=keys["TH000001"].public_key())
         rng = random.Random(7)
-        certno = synthetic_sfz(rng, "330302", dt.date(1980, 5, 17))
+        certno = synthetic_sfz(rng, "330302", dt.date(1980, 5, 17), sex="M")  # gend "1"
         container.cards.register_citizen(psn_no=PSN, certno=certno, psn_name="测试", gend="1",
                                          brdy=birth_date_of(certno), insutype=insutype, retired=False)
         pan, vpan = synthetic_pan(rng), synthetic_pan(rng)

@@ -400,19 +400,69 @@ def test_an_interim_batch_that_moves_no_money_races_the_final_and_is_refused(wor
 
 def test_a_person_is_registered_with_a_sex_code_and_the_birth_date_of_their_identity_number(world):
     """The catalogue's sex and age restrictions are decided on gend and brdy: a sex code outside
-    GB/T 2261.1 and a birth date other than the identity number's are refused (a tester got
-    'the person is -4' from a future brdy)."""
+    GB/T 2261.1, a sex or birth date other than the identity number's, and an identity number
+    born after today are refused (a tester got 'the person is -4' from a future brdy)."""
     import random
 
     from card.identity import birth_date_of, synthetic_sfz
 
-    certno = synthetic_sfz(random.Random(3), "330302", dt.date(1990, 2, 3))
+    certno = synthetic_sfz(random.Random(3), "330302", dt.date(1990, 2, 3), sex="F")
     person = dict(psn_no="330399990000001", certno=certno, psn_name="测试", insutype="310", retired=False)
+    for gend, code in (("M", "gend_invalid"), ("1", "gend_mismatch")):
+        with pytest.raises(Invalid) as exc:
+            world.c.cards.register_citizen(**person, gend=gend, brdy=birth_date_of(certno))
+        assert exc.value.code == code
+    unborn = synthetic_sfz(random.Random(4), "330302", world.c.cards.local_date() + dt.timedelta(days=1))
     with pytest.raises(Invalid) as exc:
-        world.c.cards.register_citizen(**person, gend="M", brdy=birth_date_of(certno))
-    assert exc.value.code == "gend_invalid"
+        world.c.cards.register_citizen(**dict(person, certno=unborn), gend="0", brdy=birth_date_of(unborn))
+    assert exc.value.code == "certno_invalid"
     for brdy in (dt.date(2030, 1, 1), dt.date(1990, 2, 4)):
         with pytest.raises(Invalid) as exc:
             world.c.cards.register_citizen(**person, gend="2", brdy=brdy)
         assert exc.value.code == "brdy_mismatch" and "1990-02-03" in exc.value.detail
     assert world.c.cards.register_citizen(**person, gend="2", brdy=dt.date(1990, 2, 3))
+
+
+def test_every_partial_refund_of_a_final_keeps_its_admission_of_the_year(world):
+    """A refund's re-split of a final settlement is refunded again after a later admission
+    closed: it is still the first admission (its entry carries admission_no), so the second
+    refund is the difference of two settlements of the first admission (a reviewer's F1: the
+    second refund was re-split as the 2nd admission and the fund overpaid)."""
+    p = world.add_person(personal_fen=0)
+    first = world.settle(p, world.bill(("A", "300.00", "8")), med_type="21", mdtrt_id=f"ADM{world.next():08d}",
+                         chrg_bchno="1")
+    second = world.settle(p, world.bill(("A", "300.00", "8")), med_type="21", mdtrt_id=f"ADM{world.next():08d}",
+                          chrg_bchno="1")
+    assert second["setlinfo"]["act_pay_dedc"] < first["setlinfo"]["act_pay_dedc"]  # the 2nd bears less
+    once = world.svc.refund(CLINIC, first["setl_id"], {"msgid": world.msgid(world.next()),
+                                                       "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    twice = world.svc.refund(CLINIC, once["setl_id"], {"msgid": world.msgid(world.next()),
+                                                       "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    deductible = first["setlinfo"]["act_pay_dedc"]
+    assert once["setlinfo"]["act_pay_dedc"] == twice["setlinfo"]["act_pay_dedc"] == deductible
+    assert twice["setlinfo"]["medfee_sumamt"] == 180_000  # 8 units billed, 2 returned
+
+
+def test_a_cash_only_refund_of_an_interim_batch_racing_the_final_is_refused(world, monkeypatch):
+    """A refund of a wholly self-paid interim batch moves no money: its rows are written under
+    AdmissionOpen, so a final settled between its read and its write refuses it."""
+    p = world.add_person(personal_fen=0)
+    mdtrt = f"ADM{world.next():08d}"
+    interim = world.settle(p, world.bill(("C", "50.00", "4")), med_type="21", mdtrt_id=mdtrt, chrg_bchno="1",
+                           mid_setl_flag="1")
+    svc = world.svc
+    real = svc._insert_rows
+    raced: list = []
+
+    def final_first(rows, guards=()):
+        if not raced:
+            raced.append(world.settle(p, world.bill(("A", "600.00", "2")), med_type="21", mdtrt_id=mdtrt,
+                                      chrg_bchno="9", mid_setl_flag="0"))
+        return real(rows, guards)
+
+    monkeypatch.setattr(svc, "_insert_rows", final_first)
+    with pytest.raises(Conflict) as exc:
+        svc.refund(CLINIC, interim["setl_id"], {"msgid": world.msgid(world.next()),
+                                                "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    assert exc.value.code == "admission_already_settled" and raced
+    assert svc.get(CLINIC, interim["setl_id"])["status"] == "settled"

@@ -158,7 +158,7 @@ class World:
         n = self.next()
         psn_no = f"3303{n:011d}{random.Random(n).randrange(10)}"
         rng = random.Random(f"person-{psn_no}")
-        certno = synthetic_sfz(rng, "330302", dt.date(1950, 1, 1) + dt.timedelta(days=n))
+        certno = synthetic_sfz(rng, "330302", dt.date(1950, 1, 1) + dt.timedelta(days=n), sex="M")
         self.c.cards.register_citizen(psn_no=psn_no, certno=certno, psn_name="测试", gend="1",
                                       brdy=birth_date_of(certno), insutype=insutype, retired=False)
         pan = synthetic_pan(rng)
