@@ -342,6 +342,20 @@ def test_an_interim_batch_cancelled_while_the_final_is_settled_is_refused(world,
     assert world.accum("admissions", p, world.year()) == 1
 
 
+def two_admissions(world, person, units: str) -> tuple[dict, dict]:
+    """Two admissions of ``person`` closed by final settlements of ``units`` × 300 yuan (class
+    A); the second bears the reduced deductible of a second admission of the year."""
+    first, second = (world.settle(person, world.bill(("A", "300.00", units)), med_type="21",
+                                  mdtrt_id=f"ADM{world.next():08d}", chrg_bchno="1") for _ in range(2))
+    assert second["setlinfo"]["act_pay_dedc"] < first["setlinfo"]["act_pay_dedc"]
+    return first, second
+
+
+def return_one_unit(world, settlement: dict) -> dict:
+    """A partial refund of one unit of ``settlement``'s first line."""
+    return world.svc.refund(CLINIC, settlement["setl_id"], {"msgid": world.msgid(world.next()),
+                                                            "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+
 def test_a_partial_refund_of_a_final_settlement_keeps_its_admission_of_the_year(world):
     """The first admission of the year is refunded in part after a second one closed: its
     remaining lines are re-split as the first admission (full deductible), not as the second
@@ -350,13 +364,8 @@ def test_a_partial_refund_of_a_final_settlement_keeps_its_admission_of_the_year(
     from settlement.split import PersonState, parse_bill_lines, split_visit
 
     p = world.add_person(personal_fen=0)
-    first = world.settle(p, world.bill(("A", "300.00", "4")), med_type="21", mdtrt_id=f"ADM{world.next():08d}",
-                         chrg_bchno="1")
-    second = world.settle(p, world.bill(("A", "300.00", "4")), med_type="21", mdtrt_id=f"ADM{world.next():08d}",
-                          chrg_bchno="1")
-    assert second["setlinfo"]["act_pay_dedc"] < first["setlinfo"]["act_pay_dedc"]  # the 2nd bears less
-    refund = world.svc.refund(CLINIC, first["setl_id"], {"msgid": world.msgid(world.next()),
-                                                         "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    first, second = two_admissions(world, p, "4")
+    refund = return_one_unit(world, first)
     policy = world.c.settlements.policies.find("310", False, CLINIC.hospital_tier, "21")
     line = {k: v for k, v in first["lines"][0].items() if v is not None and k in (
         "feedetl_sn", "hilist_code", "name", "chrgitm_lv", "pric", "selfpay_prop", "pric_uplmt_amt")}
@@ -364,6 +373,24 @@ def test_a_partial_refund_of_a_final_settlement_keeps_its_admission_of_the_year(
     fresh = split_visit(policy, PersonState(fund_paid_ytd_fen=second["setlinfo"]["hifp_pay"]), remaining)
     assert refund["setlinfo"]["act_pay_dedc"] == fresh.setlinfo.act_pay_dedc == first["setlinfo"]["act_pay_dedc"]
     assert refund["setlinfo"]["hifp_pay"] == fresh.setlinfo.hifp_pay
+
+
+def final_settled_before_the_rows(world, monkeypatch, person, mdtrt: str) -> list:
+    """Make the admission ``mdtrt``'s final settlement commit right before the next rows that
+    move no money are written (between their read and their write); returns the list that
+    receives that final settlement's document."""
+    svc = world.svc
+    real = svc._insert_rows
+    raced: list = []
+
+    def final_first(rows, guards=()):
+        if not raced:
+            raced.append(world.settle(person, world.bill(("A", "600.00", "2")), med_type="21", mdtrt_id=mdtrt,
+                                      chrg_bchno="9", mid_setl_flag="0"))
+        return real(rows, guards)
+
+    monkeypatch.setattr(svc, "_insert_rows", final_first)
+    return raced
 
 
 @pytest.mark.parametrize("undo", [False, True])
@@ -378,16 +405,7 @@ def test_an_interim_batch_that_moves_no_money_races_the_final_and_is_refused(wor
     earlier = world.settle(p, self_paid, med_type="21", mdtrt_id=mdtrt, chrg_bchno="1", mid_setl_flag="1")
     assert earlier["setlinfo"]["fund_pay_sumamt"] == 0 and earlier["setlinfo"]["psn_cash_pay"] > 0
     svc = world.svc
-    real = svc._insert_rows
-    raced: list = []
-
-    def final_first(rows, guards=()):
-        if not raced:
-            raced.append(world.settle(p, world.bill(("A", "600.00", "2")), med_type="21", mdtrt_id=mdtrt,
-                                      chrg_bchno="9", mid_setl_flag="0"))
-        return real(rows, guards)
-
-    monkeypatch.setattr(svc, "_insert_rows", final_first)
+    raced = final_settled_before_the_rows(world, monkeypatch, p, mdtrt)
     with pytest.raises(Conflict) as exc:
         if undo:
             svc.cancel(CLINIC, earlier["setl_id"], {"msgid": world.msgid(world.next())})
@@ -429,15 +447,9 @@ def test_every_partial_refund_of_a_final_keeps_its_admission_of_the_year(world):
     refund is the difference of two settlements of the first admission (a reviewer's F1: the
     second refund was re-split as the 2nd admission and the fund overpaid)."""
     p = world.add_person(personal_fen=0)
-    first = world.settle(p, world.bill(("A", "300.00", "8")), med_type="21", mdtrt_id=f"ADM{world.next():08d}",
-                         chrg_bchno="1")
-    second = world.settle(p, world.bill(("A", "300.00", "8")), med_type="21", mdtrt_id=f"ADM{world.next():08d}",
-                          chrg_bchno="1")
-    assert second["setlinfo"]["act_pay_dedc"] < first["setlinfo"]["act_pay_dedc"]  # the 2nd bears less
-    once = world.svc.refund(CLINIC, first["setl_id"], {"msgid": world.msgid(world.next()),
-                                                       "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
-    twice = world.svc.refund(CLINIC, once["setl_id"], {"msgid": world.msgid(world.next()),
-                                                       "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    first, _second = two_admissions(world, p, "8")
+    once = return_one_unit(world, first)
+    twice = return_one_unit(world, once)
     deductible = first["setlinfo"]["act_pay_dedc"]
     assert once["setlinfo"]["act_pay_dedc"] == twice["setlinfo"]["act_pay_dedc"] == deductible
     assert twice["setlinfo"]["medfee_sumamt"] == 180_000  # 8 units billed, 2 returned
@@ -451,16 +463,7 @@ def test_a_cash_only_refund_of_an_interim_batch_racing_the_final_is_refused(worl
     interim = world.settle(p, world.bill(("C", "50.00", "4")), med_type="21", mdtrt_id=mdtrt, chrg_bchno="1",
                            mid_setl_flag="1")
     svc = world.svc
-    real = svc._insert_rows
-    raced: list = []
-
-    def final_first(rows, guards=()):
-        if not raced:
-            raced.append(world.settle(p, world.bill(("A", "600.00", "2")), med_type="21", mdtrt_id=mdtrt,
-                                      chrg_bchno="9", mid_setl_flag="0"))
-        return real(rows, guards)
-
-    monkeypatch.setattr(svc, "_insert_rows", final_first)
+    raced = final_settled_before_the_rows(world, monkeypatch, p, mdtrt)
     with pytest.raises(Conflict) as exc:
         svc.refund(CLINIC, interim["setl_id"], {"msgid": world.msgid(world.next()),
                                                 "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
