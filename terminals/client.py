@@ -112,6 +112,13 @@ def _retry_same_msgid(exc: EngineError, visit: dict) -> bool:
     return isinstance(payment, dict) and payment.get("method") == "cash"
 
 
+def _contended_pause(attempt: int) -> None:
+    """Sleep before sending a contended message again: a random pause below
+    ``CONTENDED_BACKOFF_S`` × 2^``attempt`` (full jitter, so colliding terminals do not collide
+    again in lock-step)."""
+    time.sleep(random.uniform(0, CONTENDED_BACKOFF_S * 2 ** attempt))
+
+
 class TerminalClient:
     """A signed client for one terminal. ``engine_public_key`` verifies the engine's answers."""
 
@@ -199,7 +206,7 @@ class TerminalClient:
                 if isinstance(exc, EngineError) and (exc.status != 503 or not exc.signed):
                     if not (_retry_same_msgid(exc, visit) and contended < CONTENDED_RETRIES_MAX):
                         raise
-                    time.sleep(random.uniform(0, CONTENDED_BACKOFF_S * 2 ** contended))
+                    _contended_pause(contended)
                     contended += 1
                     continue  # nothing moved: the same message again
                 unknown: BaseException = exc
@@ -220,8 +227,20 @@ class TerminalClient:
         return self.call("POST", f"/v1/settlements/{setl_id}/cancel", {"msgid": msgid})
 
     def refund(self, setl_id: str, msgid: str, returns: list[dict]) -> dict:
-        """Partial refund of ``returns`` = ``[{"feedetl_sn", "cnt"}]``."""
-        return self.call("POST", f"/v1/settlements/{setl_id}/refund", {"msgid": msgid, "returns": returns})
+        """Partial refund of ``returns`` = ``[{"feedetl_sn", "cnt"}]``. A 409
+        ``settlement_contended`` whose problem says ``"retry": "same_msgid"`` (the person's
+        accounts kept changing; nothing moved) is sent again with the same msgid — a refund is
+        idempotent by it — up to ``CONTENDED_RETRIES_MAX`` times after the same pauses as
+        :meth:`settle_safely`'s; then the last 409 is raised."""
+        body = {"msgid": msgid, "returns": returns}
+        for contended in range(CONTENDED_RETRIES_MAX + 1):
+            try:
+                return self.call("POST", f"/v1/settlements/{setl_id}/refund", body)
+            except EngineError as exc:
+                if not (_retry_same_msgid(exc, {}) and contended < CONTENDED_RETRIES_MAX):
+                    raise
+                _contended_pause(contended)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ wallet
     def pay(self, msgid: str, amount_fen: int, payment: dict) -> dict:

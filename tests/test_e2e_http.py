@@ -607,11 +607,13 @@ class CountsSettlements(httpx.HTTPTransport):
 
     def __init__(self) -> None:
         super().__init__()
-        self.settles = 0
+        self.settles = self.refunds = 0
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if request.method == "POST" and request.url.path == "/v1/settlements":
             self.settles += 1
+        if request.method == "POST" and request.url.path.endswith("/refund"):
+            self.refunds += 1
         return super().handle_request(request)
 
 
@@ -682,6 +684,19 @@ def test_a_cash_settlement_contended_every_time_is_surfaced_after_a_few_retries(
     assert transport.settles == 1 + CONTENDED_RETRIES_MAX
     moved = {k: v for k, v in ledger_snapshot(eng).items() if v != (0, 0, 0, 0)}
     assert moved == {k: v for k, v in snap.items() if v != (0, 0, 0, 0)}  # accounts opened, nothing moved
+
+
+def test_a_contended_refund_is_sent_again_with_the_same_msgid(eng, monkeypatch):
+    """A partial refund refused with settlement_contended (retry: same_msgid; nothing moved) is
+    sent again by the SDK with the same msgid, and refunds once."""
+    doc = eng.clinic.settle(visit(eng, 85, payment={"method": "cash"}))
+    contend(eng, monkeypatch, 1)
+    transport, client = counting_client(eng, monkeypatch)
+    with client:
+        refund = client.refund(doc["setl_id"], f"TC000001R{85:019d}", [{"feedetl_sn": "1", "cnt": "1"}])
+    assert transport.refunds == 2 and refund["original_setl_id"] == doc["setl_id"]
+    clinic = eng.container.registry.lookup("TC000001")[1]
+    assert eng.container.settlements.get(clinic, doc["setl_id"])["status"] == "refunded"
 
 
 def test_a_contended_card_settlement_is_surfaced_not_sent_again(eng, monkeypatch):
