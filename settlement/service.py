@@ -725,8 +725,8 @@ class SettlementService:
                     return replay
                 raise Rejected("amount_mismatch", f"the amount due changed to {wallet_pay} fen; present the card "
                                "again", status=409, amount_due_fen=wallet_pay)
-            if method == "card" and not wallet_pay and "pan" in visit.payment:
-                self._presented_card(visit.payment["pan"], sc, citizen)
+            if method in ("card", "qr") and not wallet_pay:
+                self._presented_card(visit.payment, sc, citizen)
             pan = auth.pan if auth else (visit.payment.get("pan") if method != "cash" else None)
             legs = self._legs(names, payable, info, wallet_pay, pan, policy.is_inpatient, visit.interim)
             row = self._row(ctx, visit, setl_id, entry_key, business_date, year, info, result, method,
@@ -806,11 +806,24 @@ class SettlementService:
         raise Conflict("settlement_contended", "the person's accounts kept changing; retry with the same msgid",
                        retry="same_msgid")
 
-    def _presented_card(self, pan, sc: SettleContext, citizen) -> None:
-        """A card presented for a visit that leaves nothing for its wallet to pay (the funds and
-        the personal account cover it): the card must still be the person's and active — a
-        blocked (lost, stolen) card identifies no one. Raises NotFound ``card_not_found``,
-        Rejected ``card_blocked`` or ``card_holder_mismatch``."""
+    def _presented_card(self, payment: dict, sc: SettleContext, citizen) -> None:
+        """A card (``pan``) or QR code (``payload``) presented in ``payment`` for a visit that
+        leaves nothing for its wallet to pay (the funds and the personal account cover it): the
+        card must still be the person's and active — a blocked (lost, stolen) card identifies
+        no one. Nothing is authorised, so a QR code is read, not spent; a payment that presents
+        neither is left alone. Raises NotFound ``card_not_found``, Invalid
+        ``qr_payload_malformed``, Rejected ``card_blocked`` or ``card_holder_mismatch``."""
+        if payment.get("method") == "qr" and "payload" in payment:
+            from card import cpm
+
+            try:
+                pan = cpm.parse_cpm_payload(str(payment["payload"])).pan
+            except ValueError as exc:
+                raise Invalid("qr_payload_malformed", str(exc)) from None
+        elif "pan" in payment:
+            pan = payment["pan"]
+        else:
+            return
         row = self.cards.active_card(str(pan), sc.card)
         if row.psn_no != citizen.psn_no:
             raise Rejected("card_holder_mismatch", "the card does not belong to the insured person")

@@ -295,8 +295,9 @@ def test_a_card_is_dated_by_the_calendar_not_the_business_day(world):
 
 
 def test_a_card_presented_for_nothing_due_from_its_wallet_must_be_active_and_the_persons(world):
-    """The personal account covers the visit, so the card's wallet pays nothing: the card is
-    still checked. A blocked (lost) card or another person's card is refused, nothing moves."""
+    """The personal account covers the visit, so the card's wallet pays nothing: the card (or
+    the QR code) presented is still checked. A blocked (lost) card, another person's card or an
+    unreadable QR code is refused, nothing moves."""
     p = world.add_person(personal_fen=5_000_000)
     other = world.add_person(personal_fen=0)
     bill = world.bill(("A", "20.00", "1"))
@@ -311,6 +312,21 @@ def test_a_card_presented_for_nothing_due_from_its_wallet_must_be_active_and_the
     with pytest.raises(NotFound) as missing:
         world.svc.settle(CLINIC, dict(v, payment={"method": "card", "pan": "6200000000000000"}))
     assert missing.value.code == "card_not_found"
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    # a QR code presented so is read (not spent: nothing is authorised) and checked alike
+    import random
+
+    from simulators.cards import VirtualCardApp
+
+    def qr(pan: str) -> dict:
+        app = VirtualCardApp(issuer_mk=world.c.keys.issuer_mk, pan=pan, psn="01", atc=700)
+        return {"method": "qr", "payload": app.make_qr(world.clock() // 1_000_000, random.Random(2))}
+
+    for payment, code in ((qr(p.pan), "card_blocked"), (qr(other.pan), "card_holder_mismatch"),
+                          ({"method": "qr", "payload": "garbage"}, "qr_payload_malformed")):
+        with pytest.raises(DomainError) as exc:
+            world.svc.settle(CLINIC, dict(v, payment=payment))
+        assert exc.value.code == code
     assert nothing_moved(snap, world.pending_free_snapshot())
     world.c.cards.set_status(p.pan, "active")
     doc = world.svc.settle(CLINIC, dict(v, payment={"method": "card", "pan": p.pan}))
