@@ -40,9 +40,11 @@ def local_date(clock_us: int) -> dt.date:
     """The calendar date in Asia/Shanghai of ``clock_us`` (µs since the epoch)."""
     return dt.datetime.fromtimestamp(clock_us / 1_000_000, LOCAL_TZ).date()
 
+
 #: How many calendar days a card's transaction date (EMV tag 9A) may differ from the engine
 #: clock's local date (a terminal's clock a little off around midnight).
 TXN_DATE_TOLERANCE_DAYS = 1
+
 log = logging.getLogger(__name__)
 
 

@@ -2,8 +2,9 @@
 
 A settlement (NHSA 2207/2304) needs, before the pure split can run: whether the visit's charge
 batch or the message id is already taken (idempotency), the insured person's insurance type,
-retirement status, sex and birth date (the catalogue's restrictions), the balances of the person's accumulators and personal account, and — when
-the card pays — the card's status, holder, PAN sequence number and last accepted ATC.
+retirement status, sex and birth date (the catalogue's restrictions), the balances of the
+person's accumulators and personal account, and — when the card pays — the card's status,
+holder, PAN sequence number and last accepted ATC.
 
 On PostgreSQL :func:`load_context` reads all of it with ONE server-side prepared statement on
 a hot connection (autocommit: one statement, one snapshot; no transaction to roll back); on

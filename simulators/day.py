@@ -332,7 +332,7 @@ class Day:
         if kind == "pay":
             _, _, p, method, amount = job
             msgid = f"{t.terminal_id}{day:%Y%m%d}P{p:08d}"
-            payment = self._payment(z, method, amount, t.terminal_id, day)
+            payment = self._payment(z, method, amount, t.terminal_id)
             try:
                 doc = cl.pay(msgid, amount, payment)
             except EngineError as exc:
@@ -352,13 +352,13 @@ class Day:
                  "lines": lines}
         pre = cl.presettle(visit)
         due = pre["setlinfo"]["psn_cash_pay"]
-        visit["payment"] = self._payment(z, method, due, t.terminal_id, day) if method != "cash" else {"method": "cash"}
+        visit["payment"] = self._payment(z, method, due, t.terminal_id) if method != "cash" else {"method": "cash"}
         try:
             doc = cl.settle_safely(visit)
         except EngineError as exc:
             if exc.code == "amount_mismatch":  # the split changed since pre-settlement: present again
                 due = exc.problem.get("amount_due_fen", due)
-                visit["payment"] = self._payment(z, method, due, t.terminal_id, day)
+                visit["payment"] = self._payment(z, method, due, t.terminal_id)
                 doc = cl.settle_safely(visit)
             elif exc.code == "insufficient_funds":
                 self.count("visits_declined")
@@ -389,7 +389,7 @@ class Day:
             t.add("settlements", medfee_sumamt=ri["medfee_sumamt"], fund_pay_sumamt=ri["fund_pay_sumamt"],
                   acct_pay=ri["acct_pay"], psn_cash_pay=ri["psn_cash_pay"], wallet_pay=r["payment"]["wallet_pay_fen"])
 
-    def _payment(self, z: Citizen, method: str, amount_fen: int, terminal_id: str, day: dt.date) -> dict:
+    def _payment(self, z: Citizen, method: str, amount_fen: int, terminal_id: str) -> dict:
         """A card or QR authorisation; the card's counter is saved at once, as a card keeps it
         in its own memory, so a crash never makes a card reuse a counter."""
         if method == "qr" and z.app:
@@ -407,8 +407,9 @@ class Day:
 def terminal_date() -> dt.date:
     """A terminal's calendar date by its own clock in Asia/Shanghai: the transaction date a
     card covers (EMV tag 9A), which the business date may run ahead of."""
-    from card.service import LOCAL_TZ
-    return dt.datetime.now(LOCAL_TZ).date()
+    from card.service import local_date
+
+    return local_date(time.time_ns() // 1000)
 
 
 def _load_items(container):

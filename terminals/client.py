@@ -33,8 +33,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from terminals.signing import SignatureError, TerminalSigner, verify_response
 
 RETRIES_MAX = 3
-#: How often :meth:`TerminalClient.settle_safely` sends a cash settlement again after a 409
-#: ``settlement_contended``, and the ceiling of its first random pause (doubled each time).
+#: How often :meth:`TerminalClient.settle_safely` and :meth:`TerminalClient.refund` send a
+#: message again after a 409 ``settlement_contended`` that asks for it (``retry``
+#: ``same_msgid``), and the ceiling of the first random pause (doubled each time).
 CONTENDED_RETRIES_MAX = 4
 CONTENDED_BACKOFF_S = 0.05
 #: Idle connections are dropped well before a server's keep-alive timeout (uvicorn: 5 s by
