@@ -89,7 +89,7 @@ def bootstrap(settings: Settings, *, clock=clock_us) -> Container:
     keys = settings.load_keys()
     policies = load_policies(settings.policy)
     catalogue = load_items(settings.catalogue)
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, pool_size=settings.db_pool_size)
     migrations.upgrade(engine)
     ledger = Ledger(engine, clock_us=clock)
     committer = None

@@ -12,6 +12,7 @@ Values come from keyword arguments or ``CITIZENCARD_*`` environment variables:
 | ``public_origin`` | ``CITIZENCARD_PUBLIC_ORIGIN`` | none: the URL the request arrived on |
 | ``group_commit_wait_ms`` | ``CITIZENCARD_GROUP_COMMIT_WAIT_MS`` | 5: longest a ledger entry waits for others to share its commit |
 | ``group_commit_linger_ms`` | ``CITIZENCARD_GROUP_COMMIT_LINGER_MS`` | 1.5: how long a gathering batch waits for one more entry (0: it does not wait) |
+| ``db_pool_size`` | ``CITIZENCARD_DB_POOL_SIZE`` | 16: PostgreSQL connections an engine process pools (1 to 500); it opens at most twice as many in all, its hot path's included |
 | ``terminal_cache_s`` | ``CITIZENCARD_TERMINAL_CACHE_S`` | 5: longest an engine process keeps a terminal's key and status without reading them again, so the longest a terminal blocked by another process still has its requests accepted (0 to 60; 0: read on every request) |
 
 The group commit's two waits trade a few milliseconds of a settlement's latency (at most
@@ -24,6 +25,12 @@ Each engine process keeps the key and status of the terminals that signed its re
 ``terminal_cache_s`` (one indexed read per terminal per period instead of one per request): a
 terminal blocked by any process is refused by every engine process at most that many seconds
 after the block commits (at once by the process that blocked it).
+
+An engine process holds at most ``2 * db_pool_size`` PostgreSQL connections, whatever its load:
+a request that finds every pooled connection busy waits for one (up to 10 s, then 503
+``database_unavailable``) instead of opening more. Size it so that every engine process, with
+the other clients of the server, fits in PostgreSQL's ``max_connections`` (100 by default: three
+engine processes at the default 16).
 
 The keys file holds the issuer master key (EMV) and the engine's Ed25519 signing key. It is
 created only when ``create_keys`` is set (the embedded demo); a server never invents secrets.
@@ -41,6 +48,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ledger.db import POOL_SIZE
 from ledger.errors import Invalid
 
 BODY_BYTES_MAX = 256 * 1024
@@ -53,6 +61,8 @@ GROUP_COMMIT_WAIT_MS_MAX = 100.0
 TERMINAL_CACHE_S = 5.0
 #: bound of ``terminal_cache_s`` (how late a block may take effect in another process)
 TERMINAL_CACHE_S_MAX = 60.0
+#: bound of ``db_pool_size`` (connections pooled per engine process)
+DB_POOL_SIZE_MAX = 500
 #: a number as the environment gives it: ASCII digits, an optional fraction
 _NUMBER_TEXT = re.compile(r"[0-9]{1,6}(?:\.[0-9]{0,6})?|\.[0-9]{1,6}", re.ASCII)
 _ENV = {"group_commit_wait_ms": "CITIZENCARD_GROUP_COMMIT_WAIT_MS",
@@ -94,6 +104,7 @@ class Settings:
     group_commit_wait_ms: float = GROUP_COMMIT_WAIT_MS
     group_commit_linger_ms: float = GROUP_COMMIT_LINGER_MS
     terminal_cache_s: float = TERMINAL_CACHE_S
+    db_pool_size: int = POOL_SIZE
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,6 +119,14 @@ class Settings:
                 object.__setattr__(self, name, value)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= largest:
                 raise Invalid("setting_invalid", f"{label}: {value!r} must be 0 to {largest:g} {symbol}")
+        size, label = self.db_pool_size, "db_pool_size (CITIZENCARD_DB_POOL_SIZE)"
+        if isinstance(size, str):
+            if not re.fullmatch(r"[0-9]{1,6}", size.strip(), re.ASCII):
+                raise Invalid("setting_invalid", f"{label}: {size!r} is not a whole number of connections")
+            size = int(size)
+            object.__setattr__(self, "db_pool_size", size)
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= DB_POOL_SIZE_MAX:
+            raise Invalid("setting_invalid", f"{label}: {size!r} must be 1 to {DB_POOL_SIZE_MAX} connections")
         if self.group_commit_linger_ms > self.group_commit_wait_ms:
             raise Invalid("setting_invalid", f"group_commit_linger_ms ({_ENV['group_commit_linger_ms']}) must not "
                           f"exceed group_commit_wait_ms ({_ENV['group_commit_wait_ms']})")
@@ -126,6 +145,7 @@ class Settings:
             group_commit_wait_ms=env.get("CITIZENCARD_GROUP_COMMIT_WAIT_MS", cls.group_commit_wait_ms),
             group_commit_linger_ms=env.get("CITIZENCARD_GROUP_COMMIT_LINGER_MS", cls.group_commit_linger_ms),
             terminal_cache_s=env.get("CITIZENCARD_TERMINAL_CACHE_S", cls.terminal_cache_s),
+            db_pool_size=env.get("CITIZENCARD_DB_POOL_SIZE", cls.db_pool_size),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -263,6 +263,7 @@ def bench_service(url: str, seconds: float, threads: int, persons: int, card_sha
             else:
                 if c.committer is not None:
                     c.committer.close()  # the parent only set up; the children settle
+                c.engine.dispose()  # and holds no connection meanwhile (each child pools its own)
                 mp = multiprocessing.get_context("spawn")
                 barrier, results = mp.Barrier(processes), mp.Queue()
                 per = max(1, threads // processes)

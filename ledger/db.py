@@ -32,6 +32,12 @@ UNIQUE_VIOLATION = "23505"
 RETRIES_MAX = 8
 RETRY_SLEEP_S_MAX = 0.2
 POOL_PING_IDLE_S = 5.0
+#: Pooled PostgreSQL connections per engine process (``CITIZENCARD_DB_POOL_SIZE``); the hot
+#: path's own set (:class:`ledger.store_pg.HotPool`) holds at most as many again.
+POOL_SIZE = 16
+#: Longest a thread waits for a pooled connection when all are in use, in seconds; past it the
+#: work fails as "database unavailable" (HTTP 503), never by opening one more connection.
+POOL_TIMEOUT_S = 10.0
 
 
 #: The marker of a :class:`HookRefused` raised from SQL (``CAST('ledger hook refused: …' AS int)``).
@@ -58,14 +64,20 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 24) -> Engine:
+def make_engine(url: str, *, pool_size: int = POOL_SIZE, pool_timeout_s: float = POOL_TIMEOUT_S) -> Engine:
     """Create an Engine for ``url`` (``sqlite:///path`` or ``postgresql://…``).
 
     SQLite: WAL, ``synchronous=FULL``, foreign keys on, 30 s busy timeout, driver autocommit off
     so that SQLAlchemy's ``begin`` event emits our own BEGIN (deferred or IMMEDIATE).
-    PostgreSQL: a pool of ``pool_size`` (+ as many overflow) psycopg 3 connections — as many
-    as the threads that use it at once, so that busy moments do not open and close connections
-    (a PostgreSQL backend costs milliseconds to start).
+    PostgreSQL: a pool of ``pool_size`` psycopg 3 connections and no overflow: a thread that
+    finds every connection in use waits for one (at most ``pool_timeout_s`` seconds, then
+    ``sqlalchemy.exc.TimeoutError``, which :func:`is_database_unavailable` counts as transient).
+    An engine process therefore holds at most ``2 * pool_size`` connections, the hot path's
+    included, however many threads it serves — size ``pool_size`` so that every engine process
+    fits in the server's ``max_connections``. Overflow connections would be closed each time
+    they are returned: under more concurrent threads than the pool, every checkout above it
+    started and stopped a backend (milliseconds each), and two engine processes of 32 threads
+    ran the server out of connections ("too many clients") in the settlement benchmark.
     """
     url = normalise_url(url)
     if url.startswith("sqlite"):
@@ -87,7 +99,8 @@ def make_engine(url: str, *, pool_size: int = 24) -> Engine:
             conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s,
+                           pool_pre_ping=False)
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_conn, record, _proxy) -> None:  # pragma: no cover - driver callback
@@ -159,8 +172,9 @@ def is_database_unavailable(exc: BaseException) -> bool:
     past the retries (a driver ``OperationalError``, a lost connection, a deadlock or
     serialization failure retried to the limit): a transient condition, not a defect. Whether
     a write it interrupted took effect is unknown (a COMMIT may have been lost on the way
-    back)."""
-    if is_retryable(exc):
+    back). A pool with every connection in use past its timeout counts too (the work never
+    reached the database)."""
+    if is_retryable(exc) or isinstance(exc, sa_exc.TimeoutError):
         return True
     orig = _driver_error(exc)
     if isinstance(orig, sqlite3.OperationalError):

@@ -107,3 +107,25 @@ def test_the_terminal_cache_defaults_to_5_s_comes_from_the_environment_and_is_bo
         with pytest.raises(Invalid) as exc:
             Settings.from_env()
         assert exc.value.code == "setting_invalid" and exc.value.detail == message
+
+
+def test_the_db_pool_size_defaults_to_16_comes_from_the_environment_and_is_bounded(monkeypatch):
+    from ledger.db import POOL_SIZE
+
+    monkeypatch.delenv("CITIZENCARD_DB_POOL_SIZE", raising=False)
+    assert Settings.from_env().db_pool_size == POOL_SIZE == 16
+    monkeypatch.setenv("CITIZENCARD_DB_POOL_SIZE", " 40 ")
+    assert Settings.from_env().db_pool_size == 40
+    assert Settings(db_pool_size=1).db_pool_size == 1
+    label = "db_pool_size (CITIZENCARD_DB_POOL_SIZE)"
+    for text, message in (("0", f"{label}: 0 must be 1 to 500 connections"),
+                          ("501", f"{label}: 501 must be 1 to 500 connections"),
+                          ("8.5", f"{label}: '8.5' is not a whole number of connections"),
+                          ("-1", f"{label}: '-1' is not a whole number of connections"),
+                          ("many", f"{label}: 'many' is not a whole number of connections")):
+        monkeypatch.setenv("CITIZENCARD_DB_POOL_SIZE", text)
+        with pytest.raises(Invalid) as exc:
+            Settings.from_env()
+        assert exc.value.code == "setting_invalid" and exc.value.detail == message
+    with pytest.raises(Invalid):
+        Settings(db_pool_size=True)

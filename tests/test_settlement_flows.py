@@ -275,13 +275,15 @@ def amounts(info: SetlInfo) -> dict:
 
 
 @contextlib.contextmanager
-def make_world(db_url: str, tmp: Path, clock: FakeClock | None = None, *, group_commit: bool = False):
-    """Bootstrap an engine on ``db_url`` with a fake clock; yield a :class:`World`."""
+def make_world(db_url: str, tmp: Path, clock: FakeClock | None = None, *, group_commit: bool = False,
+               **settings_extra):
+    """Bootstrap an engine on ``db_url`` with a fake clock (and any other :class:`Settings`
+    given by keyword); yield a :class:`World`."""
     catalogue = tmp / "catalogue.csv"
     ensure_catalogue(catalogue, seed=42)
     clock = clock or FakeClock()
     settings_ = Settings(db_url=db_url, nonce_url="memory://", keys_file=str(tmp / "keys.json"),
-                         catalogue=str(catalogue), create_keys=True, group_commit=group_commit)
+                         catalogue=str(catalogue), create_keys=True, group_commit=group_commit, **settings_extra)
     container = bootstrap(settings_, clock=clock)
     try:
         yield World(container, clock, catalogue_items(catalogue))
