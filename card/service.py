@@ -2,10 +2,12 @@
 
 Authorisation (EMV Book 2; EMVCo QR CPM for the virtual card) is checked before any money
 moves: the cryptogram is recomputed from the issuer master key and compared in constant time,
-then the card's ATC is advanced with an atomic compare-and-set (``last_atc < atc``), so a
-repeated or lower ATC — a replayed cryptogram — is refused even under concurrency. A QR code is
-also claimed once in the single-use store. The ATC is consumed even when the payment is later
-declined for funds, as on a real card.
+then the card's ATC is advanced with an atomic compare-and-set (``last_atc < atc``, card still
+active), so a repeated or lower ATC — a replayed cryptogram — is refused even under concurrency.
+The payments advance it in the transaction that posts them (:meth:`CardService.counter_hook`), so
+a card blocked after its cryptogram was checked pays nothing. A QR code is also claimed once in
+the single-use store. The ATC is consumed even when the payment is later declined for funds, as
+on a real card.
 """
 
 from __future__ import annotations
@@ -170,10 +172,11 @@ class CardService:
         A QR code's time window is checked against the engine clock too (EMVCo CPM).
         ``card``, when given, is the card row as the caller just read it (attributes ``pan``,
         ``psn_no``, ``pan_seq``, ``status``, ``last_atc``; the ATC check against it is re-done by
-        the compare-and-set), saving a read. With ``consume=False`` a card's ATC is checked
-        against ``last_atc`` but not yet advanced: the caller then advances it in its own
-        transaction with :meth:`counter_hook` (and, when that transaction posts nothing, with
-        :meth:`consume`), so the check and the payment commit together.
+        the compare-and-set), saving a read. With ``consume=False`` the ATC (of a card or of a
+        QR code) is checked against ``last_atc`` but not yet advanced: the caller then advances
+        it in its own transaction with :meth:`counter_hook` (and, when that transaction posts
+        nothing, with :meth:`consume`), so the check and the payment commit together. A QR code
+        is claimed in the nonce store either way (single use, even before its ATC is advanced).
         Raises Invalid (malformed), NotFound (card), Rejected (blocked card, cryptogram
         mismatch, ATC replay, expired or reused code, amount mismatch).
         """
@@ -182,7 +185,7 @@ class CardService:
             return self._authorise_card(auth, amount_fen=amount_fen, terminal_id=terminal_id,
                                         card=card, consume=consume)
         if method == "qr":
-            return self._authorise_qr(auth, amount_fen=amount_fen, card=card)
+            return self._authorise_qr(auth, amount_fen=amount_fen, card=card, consume=consume)
         raise Invalid("payment_method_unknown", "payment.method must be 'card', 'qr' or 'cash'")
 
     def active_card(self, pan: str, card=None):
@@ -226,7 +229,7 @@ class CardService:
         arpc = cg.generate_arpc(self.issuer_mk, pan, card.pan_seq, arqc, cg.ARC_APPROVED)
         return Authorisation(pan, card.psn_no, "card", atc, arpc.hex().upper())
 
-    def _authorise_qr(self, auth: dict, *, amount_fen: int, card=None) -> Authorisation:
+    def _authorise_qr(self, auth: dict, *, amount_fen: int, card=None, consume: bool = True) -> Authorisation:
         from card import cpm
 
         payload = auth.get("payload")
@@ -249,7 +252,8 @@ class CardService:
             raise Rejected(str(result.value), f"QR code: {result.value}")
         if not self.nonce_store.claim(f"qr:{parsed.pan}:{parsed.atc}", QR_VALIDITY_S * 2):
             raise Rejected("qr_code_already_used", "this QR code has already paid")
-        self._advance_atc(parsed.pan, parsed.atc)
+        if consume:
+            self._advance_atc(parsed.pan, parsed.atc)
         return Authorisation(parsed.pan, card.psn_no, "qr", parsed.atc)
 
     @staticmethod

@@ -620,24 +620,23 @@ class SettlementService:
         with another bill; msgid reused), Rejected (card checks; ``insufficient_funds`` 402;
         ``amount_mismatch`` 409 when the card authorised another amount than is now due).
 
-        A card's ATC is accepted in the transaction that posts the payment (a ledger hook), or
-        on its own when the settlement ends without posting — declined for funds, say: the
-        counter is spent either way, as on a real card."""
+        A card's or QR code's ATC is accepted in the transaction that posts the payment (a
+        ledger hook, which also finds the card still active), or with the recorded refusal when
+        the settlement ends without posting — declined for funds, say: the counter is spent
+        either way, as on a real card."""
         visit = self.parse_visit(req)
-        unspent: list = []  # a card authorisation whose counter is not accepted yet
+        unspent: list = []  # a card or QR authorisation whose counter is not accepted yet
         authorised: list = []  # the card or QR authorisation this settlement was paid with
         try:
             return self._settle(ctx, visit, unspent, authorised)
         except DomainError as exc:
             auth = authorised[-1] if authorised else None
-            if auth is None or (auth.method == "card" and auth not in unspent):
+            if auth is None or auth not in unspent:
                 raise  # nothing authorised, or the counter was never this request's to spend
-            # The card authorised it, then it was refused: spend the counter (a QR code is spent
-            # already) with the refusal recorded, so that a resend answers the same.
-            spend = auth in unspent  # a card's counter, not accepted yet
-            if spend:
-                unspent.remove(auth)
-            hooks = (self.cards.counter_hook(auth),) if spend else ()
+            # The card authorised it, then it was refused: spend the counter with the refusal
+            # recorded, so that a resend answers the same.
+            unspent.remove(auth)
+            hooks = (self.cards.counter_hook(auth),)
             recorded = declines.record(self.ledger, org_code=ctx.org_code, msgid=visit.msgid,
                                        request_hash=visit.request_hash, auth=auth, refusal=exc,
                                        now_us=self.clock_us(), hooks=hooks)
@@ -650,7 +649,7 @@ class SettlementService:
                 replay = self._replay_or_conflict(ctx, visit)
                 if replay is not None:
                     return replay
-            elif recorded == declines.FAILED and hooks:
+            elif recorded == declines.FAILED:
                 unspent.append(auth)  # spent on its own below, as before declines were recorded
             raise
         finally:
@@ -715,8 +714,7 @@ class SettlementService:
                     raise
                 authorised_fen = wallet_pay
                 authorised.append(auth)
-                if auth.method == "card":
-                    unspent.append(auth)
+                unspent.append(auth)
                 if auth.psn_no != citizen.psn_no:
                     raise Rejected("card_holder_mismatch", "the card does not belong to the insured person")
             elif wallet_pay and wallet_pay != authorised_fen:
@@ -772,13 +770,14 @@ class SettlementService:
                 # The card's counter was used meanwhile (by a copy of this request?), or the
                 # card was blocked since it was read.
                 unspent.clear()
-                replay = self._await_duplicate(ctx, visit)
-                if replay is not None:
-                    return replay
-                declined = self._declined(ctx, visit)  # a copy of this request was refused meanwhile
-                if declined is not None:
-                    raise declined from None
-                self.cards.active_card(auth.pan)  # Rejected card_blocked when that is why
+                for wait in (False, True):  # a copy's answer committed already, or one in flight
+                    replay = self._await_duplicate(ctx, visit) if wait else self._replay_or_conflict(ctx, visit)
+                    if replay is not None:
+                        return replay
+                    declined = self._declined(ctx, visit)  # a copy of this request was refused meanwhile
+                    if declined is not None:
+                        raise declined from None
+                    self.cards.active_card(auth.pan)  # Rejected card_blocked when that is why
                 raise Rejected("atc_replayed", f"card {auth.pan}: ATC {auth.atc} was already used") from None
             if outcome.ok:
                 unspent.clear()  # accepted with the payment (or by the original this replays)

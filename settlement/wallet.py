@@ -11,8 +11,10 @@ Each is idempotent by the terminal's message id: the same msgid with the same co
 the first result (``replayed``); with other content it is a conflict. The business row is
 written in the same database transaction as the ledger entry, which also checks that its
 business day is still open (:class:`settlement.days.DayOpen`); when the day began closing
-meanwhile the row is booked again on the day open now (a card payment's counter was already
-accepted on its own before, so the retry does not touch it).
+meanwhile the row is booked again on the day open now. A card payment's counter (ATC) is accepted
+in that same transaction, with the card's status checked under it (EMV: a counter is spent once),
+so a card blocked after the cryptogram was checked pays nothing; a payment refused after the card
+authorised it spends the counter with its recorded refusal (:mod:`settlement.declines`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from collections.abc import Callable
 from sqlalchemy import Engine, insert, select
 
 from card.service import CardService
+from ledger.db import HookRefused
 from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
 from ledger.model import EntryOutcome, EntryResult, EntrySpec, TransferResult, TransferSpec
 from ledger.money import AMOUNT_FEN_MAX
 from ledger.store import InsertRows
 from settlement import chart, declines
-from settlement.days import BusinessDays, DayOpen, book_on_open_day
+from settlement.days import BusinessDays, DayOpen, book_on_open_day, is_day_closed
 from settlement.schema import payments, recharges
 from settlement.service import (AccountCache, TerminalContext, await_replay, derived_id, fingerprint,
                                 text_field)
@@ -45,6 +48,11 @@ def amount_field(req: dict, name: str = "amount_fen", *, maximum: int = AMOUNT_F
     if value > maximum:
         raise Invalid("amount_too_large", f"{name}: {value} is beyond the limit of {maximum} fen", field=name)
     return value
+
+
+class _CounterTaken(Exception):
+    """The card's counter advance refused in the payment's transaction (used by a copy of the
+    request, or the card no longer active): nothing of the payment was written."""
 
 
 class WalletService:
@@ -129,19 +137,19 @@ class WalletService:
         if not isinstance(ident, str):
             raise Invalid("field_invalid", "payment: card data missing", field="payment")
         try:
-            auth = self.cards.authorise(payment, amount_fen=amount, terminal_id=ctx.terminal_id)
+            auth = self.cards.authorise(payment, amount_fen=amount, terminal_id=ctx.terminal_id, consume=False)
         except Rejected as exc:
             # The counter or code was just used: by a copy of this very request still in flight
             # (the terminal resent it)? Then wait for it and answer with its result.
             if exc.code in ("atc_replayed", "qr_code_already_used"):
-                replay = await_replay(lambda: self._replay(payments, ctx.org_code, msgid, request_hash))
+                replay = self._copy_answer(ctx, msgid, request_hash)
                 if replay is not None:
                     return replay
-                refused = declines.declined(self.engine, ctx.org_code, msgid, request_hash,
-                                            reused="exists_with_different_content")
-                if refused is not None:  # a copy of this request was refused meanwhile
-                    raise refused from None
             raise
+        # The counter is accepted in the transaction that posts the payment (with the card's
+        # status checked there too), or, when the payment is refused, in the one that records
+        # the refusal; on its own only when that fails (see ``finally``).
+        unspent = [auth]
         key = f"pay:{ctx.org_code}:{msgid}"
         payable = chart.merchant_payable(ctx.org_code)
         self.accounts.ensure([payable, chart.wallet_account(auth.pan)])
@@ -153,17 +161,60 @@ class WalletService:
                        terminal_id=ctx.terminal_id, pan=auth.pan, pay_method=auth.method, amount_fen=amount,
                        business_date=business_date, request_hash=request_hash, entry_key=key,
                        created_ts=self.clock_us())
-            outcome = self.submit(entry, (DayOpen(business_date), InsertRows(payments, [row])))
+            try:
+                outcome = self.submit(entry, (DayOpen(business_date), InsertRows(payments, [row]),
+                                              self.cards.counter_hook(auth)))
+            except HookRefused as exc:
+                if is_day_closed(exc):
+                    raise  # nothing written, the counter neither: booked again on the open day
+                raise _CounterTaken() from exc
+            if outcome.ok:
+                unspent.clear()  # accepted with the payment (or by the original this replays)
             return self._finish(outcome, payments, msgid, request_hash, row)
 
         try:
             doc = book_on_open_day(self.days, book)
-        except DomainError as exc:  # refused after the card authorised it (and spent its counter or code)
-            declines.record(self.accounts.ledger, org_code=ctx.org_code, msgid=msgid, request_hash=request_hash, auth=auth,
-                            refusal=exc, now_us=self.clock_us())
+        except _CounterTaken:
+            # The counter was used meanwhile (by a copy of this request?), or the card was
+            # blocked since it was read: nothing was written.
+            unspent.clear()
+            for wait in (False, True):  # a copy's answer committed already, or one in flight
+                replay = self._copy_answer(ctx, msgid, request_hash, wait=wait)
+                if replay is not None:
+                    return replay
+                self.cards.active_card(auth.pan)  # Rejected card_blocked when that is why
+            raise Rejected("atc_replayed", f"card {auth.pan}: ATC {auth.atc} was already used") from None
+        except DomainError as exc:  # refused after the card authorised it: spent with the refusal
+            recorded = declines.record(self.accounts.ledger, org_code=ctx.org_code, msgid=msgid,
+                                       request_hash=request_hash, auth=auth, refusal=exc, now_us=self.clock_us(),
+                                       hooks=(self.cards.counter_hook(auth),) if unspent else ())
+            if recorded == declines.COUNTER_USED:  # a copy of this request used it first: its answer
+                unspent.clear()
+                replay = self._copy_answer(ctx, msgid, request_hash, wait=False)
+                if replay is not None:
+                    return replay
+            elif recorded != declines.FAILED:
+                unspent.clear()
             raise
+        finally:
+            for spent in unspent:
+                self.cards.consume(spent)
         doc["arpc"] = auth.arpc_hex
         return doc
+
+    def _copy_answer(self, ctx: TerminalContext, msgid: str, request_hash: str, *, wait: bool = True) -> dict | None:
+        """The answer of a copy of this payment request (same msgid) that used the card's counter
+        or QR code first: its payment (waited for while it is in flight, when ``wait``), or its
+        recorded refusal raised again. None when there is neither."""
+        lookup = lambda: self._replay(payments, ctx.org_code, msgid, request_hash)  # noqa: E731
+        replay = await_replay(lookup) if wait else lookup()
+        if replay is not None:
+            return replay
+        refused = declines.declined(self.engine, ctx.org_code, msgid, request_hash,
+                                    reused="exists_with_different_content")
+        if refused is not None:  # a copy of this request was refused meanwhile
+            raise refused from None
+        return None
 
     def _finish(self, outcome: EntryOutcome, table, msgid: str, request_hash: str, row: dict) -> dict:
         if outcome.ok:

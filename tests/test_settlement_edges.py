@@ -15,7 +15,9 @@
 * a business day closed by another process is noticed within ``OPEN_DAY_RECHECK_S``;
 * a card's transaction date (EMV 9A, the terminal's calendar) is checked against the engine
   clock's local date, not the business date, which runs ahead of the calendar once days are
-  closed early (settlements and merchant payments alike).
+  closed early (settlements and merchant payments alike);
+* a card (or virtual card) blocked after its cryptogram was checked pays nothing: its counter is
+  accepted, with the card's status, in the transaction that posts the payment.
 """
 
 from __future__ import annotations
@@ -485,3 +487,50 @@ def test_a_cash_only_refund_of_an_interim_batch_racing_the_final_is_refused(worl
                                                 "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
     assert exc.value.code == "admission_already_settled" and raced
     assert svc.get(CLINIC, interim["setl_id"])["status"] == "settled"
+
+
+@pytest.mark.parametrize("where", ["merchant", "clinic"])
+@pytest.mark.parametrize("method", ["card", "qr"])
+def test_a_card_blocked_after_its_cryptogram_was_checked_pays_nothing(world, monkeypatch, method, where):
+    """The card is blocked (lost, reported by phone) between the cryptogram check and the
+    posting: the counter's compare-and-set in the posting transaction finds it blocked, so
+    nothing moves, no payment or settlement row is written and the answer is ``card_blocked``.
+    Before, a merchant payment (and any QR payment) spent the counter in a transaction of its
+    own first, and the posting after it paid from the blocked card."""
+    import random
+
+    from sqlalchemy import func, select
+
+    from settlement.schema import payments, settlements
+    from simulators.cards import VirtualCardApp
+
+    p = world.add_person(personal_fen=0, wallet_fen=100_000)
+    cards = world.c.cards
+    real_authorise = cards.authorise
+
+    def authorise_then_blocked(*args, **kwargs):
+        auth = real_authorise(*args, **kwargs)
+        cards.set_status(p.pan, "blocked")  # committed while the request is between the two steps
+        return auth
+
+    def payment(amount_fen: int, ctx) -> dict:
+        if method == "card":
+            return world.card_payment(p, amount_fen, ctx)
+        app = VirtualCardApp(issuer_mk=world.c.keys.issuer_mk, pan=p.pan, psn="01", atc=900)
+        return {"method": "qr", "payload": app.make_qr(world.clock() // 1_000_000, random.Random(3))}
+
+    snap = world.pending_free_snapshot()
+    monkeypatch.setattr(cards, "authorise", authorise_then_blocked)
+    with pytest.raises(Rejected) as exc:
+        if where == "merchant":
+            world.c.wallet.pay(MERCHANT, {"msgid": f"P{world.next():012d}", "amount_fen": 300,
+                                          "payment": payment(300, MERCHANT)})
+        else:
+            v = world.visit(p, world.bill(("C", "45.80", "1")), method=method)
+            v["payment"] = payment(4_580, CLINIC)
+            world.svc.settle(CLINIC, v)
+    assert exc.value.code == "card_blocked"
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    with world.c.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(payments)) == 0
+        assert conn.scalar(select(func.count()).select_from(settlements)) == 0
