@@ -91,41 +91,42 @@ def test_the_server_without_its_keys_file_says_so_in_one_line(tmp_path):
     assert "`citizencard day` or `citizencard city`" in line and "keys init" not in line
 
 
-def test_the_terminal_cache_defaults_to_5_s_comes_from_the_environment_and_is_bounded(monkeypatch):
-    from api.settings import TERMINAL_CACHE_S
-
-    monkeypatch.delenv("CITIZENCARD_TERMINAL_CACHE_S", raising=False)
-    assert Settings.from_env().terminal_cache_s == TERMINAL_CACHE_S == 5.0
-    monkeypatch.setenv("CITIZENCARD_TERMINAL_CACHE_S", "0.5")
-    assert Settings.from_env().terminal_cache_s == 0.5
-    assert Settings(terminal_cache_s=0).terminal_cache_s == 0
-    label = "terminal_cache_s (CITIZENCARD_TERMINAL_CACHE_S)"
-    for text, message in (("61", f"{label}: 61.0 must be 0 to 60 s"),
-                          ("-1", f"{label}: '-1' is not a number of seconds (digits 0-9 with an optional decimal point)"),
-                          ("5s", f"{label}: '5s' is not a number of seconds (digits 0-9 with an optional decimal point)")):
-        monkeypatch.setenv("CITIZENCARD_TERMINAL_CACHE_S", text)
+def _check_env_setting(monkeypatch, env: str, name: str, default, accepted: dict, refused: dict) -> None:
+    """Setting ``name`` is ``default`` without ``env``, takes each of ``accepted`` (text -> value)
+    from it, and refuses each of ``refused`` (text -> message) with ``setting_invalid``."""
+    monkeypatch.delenv(env, raising=False)
+    assert getattr(Settings.from_env(), name) == default
+    for text, value in accepted.items():
+        monkeypatch.setenv(env, text)
+        assert getattr(Settings.from_env(), name) == value
+    for text, message in refused.items():
+        monkeypatch.setenv(env, text)
         with pytest.raises(Invalid) as exc:
             Settings.from_env()
         assert exc.value.code == "setting_invalid" and exc.value.detail == message
+
+
+def test_the_terminal_cache_defaults_to_5_s_comes_from_the_environment_and_is_bounded(monkeypatch):
+    from api.settings import TERMINAL_CACHE_S
+
+    label = "terminal_cache_s (CITIZENCARD_TERMINAL_CACHE_S)"
+    _check_env_setting(monkeypatch, "CITIZENCARD_TERMINAL_CACHE_S", "terminal_cache_s", 5.0, {"0.5": 0.5}, {
+        "61": f"{label}: 61.0 must be 0 to 60 s",
+        "-1": f"{label}: '-1' is not a number of seconds (digits 0-9 with an optional decimal point)",
+        "5s": f"{label}: '5s' is not a number of seconds (digits 0-9 with an optional decimal point)"})
+    assert TERMINAL_CACHE_S == 5.0 and Settings(terminal_cache_s=0).terminal_cache_s == 0
 
 
 def test_the_db_pool_size_defaults_to_16_comes_from_the_environment_and_is_bounded(monkeypatch):
     from ledger.db import POOL_SIZE
 
-    monkeypatch.delenv("CITIZENCARD_DB_POOL_SIZE", raising=False)
-    assert Settings.from_env().db_pool_size == POOL_SIZE == 16
-    monkeypatch.setenv("CITIZENCARD_DB_POOL_SIZE", " 40 ")
-    assert Settings.from_env().db_pool_size == 40
-    assert Settings(db_pool_size=1).db_pool_size == 1
     label = "db_pool_size (CITIZENCARD_DB_POOL_SIZE)"
-    for text, message in (("0", f"{label}: 0 must be 1 to 500 connections"),
-                          ("501", f"{label}: 501 must be 1 to 500 connections"),
-                          ("8.5", f"{label}: '8.5' is not a whole number of connections"),
-                          ("-1", f"{label}: '-1' is not a whole number of connections"),
-                          ("many", f"{label}: 'many' is not a whole number of connections")):
-        monkeypatch.setenv("CITIZENCARD_DB_POOL_SIZE", text)
-        with pytest.raises(Invalid) as exc:
-            Settings.from_env()
-        assert exc.value.code == "setting_invalid" and exc.value.detail == message
+    _check_env_setting(monkeypatch, "CITIZENCARD_DB_POOL_SIZE", "db_pool_size", 16, {" 40 ": 40}, {
+        "0": f"{label}: 0 must be 1 to 500 connections",
+        "501": f"{label}: 501 must be 1 to 500 connections",
+        "8.5": f"{label}: '8.5' is not a whole number of connections",
+        "-1": f"{label}: '-1' is not a whole number of connections",
+        "many": f"{label}: 'many' is not a whole number of connections"})
+    assert POOL_SIZE == 16 and Settings(db_pool_size=1).db_pool_size == 1
     with pytest.raises(Invalid):
         Settings(db_pool_size=True)
