@@ -21,7 +21,7 @@ from ledger.errors import Invalid
 from ledger.store import Ledger
 from settlement.catalogue import Catalogue, CatalogueError, load_catalogue
 from settlement.days import BusinessDays
-from settlement.policy import PolicyBook, PolicyError, PolicyNotFound, load_builtin, load_policy_book
+from settlement.policy import PolicyError, PolicyNotFound, PolicyShelf, load_builtin, load_policy_book
 from settlement.service import AccountCache, SettlementService
 from settlement.wallet import WalletService
 from terminals.close import DayCloser
@@ -62,12 +62,20 @@ class Container:
         self.engine.dispose()
 
 
-def load_policies(name_or_path: str) -> PolicyBook:
-    """A shipped policy book by name, or a TOML file by path. Raises Invalid with the reason."""
+def load_policies(names_or_paths: str) -> PolicyShelf:
+    """The policy books named in ``names_or_paths``, comma-separated: each a shipped book's
+    name or a TOML file's path (one per insurance year, e.g. this year's and last year's, so
+    that last year's settlements are refunded by last year's rules). Raises Invalid with the
+    reason (a malformed book, an unknown name, two books for one year)."""
     try:
-        if name_or_path.endswith(".toml") and Path(name_or_path).exists():
-            return load_policy_book(name_or_path)
-        return load_builtin(name_or_path)
+        books = []
+        for item in names_or_paths.split(","):
+            item = item.strip()
+            if item.endswith(".toml") and Path(item).exists():
+                books.append(load_policy_book(item))
+            else:
+                books.append(load_builtin(item))
+        return PolicyShelf(books)
     except (PolicyError, PolicyNotFound) as exc:
         raise Invalid("policy_invalid", str(exc)) from None
 

@@ -7,7 +7,7 @@ Values come from keyword arguments or ``CITIZENCARD_*`` environment variables:
 | ``db_url`` | ``CITIZENCARD_DB`` | ``sqlite:///var/citizencard.db`` |
 | ``nonce_url`` | ``CITIZENCARD_NONCE`` | ``memory://`` (``redis://…`` in production) |
 | ``keys_file`` | ``CITIZENCARD_KEYS`` | beside the SQLite file, or required for PostgreSQL |
-| ``policy`` | ``CITIZENCARD_POLICY`` | ``test-policy-P`` (a shipped book name or a TOML path) |
+| ``policy`` | ``CITIZENCARD_POLICY`` | ``test-policy-P`` (shipped book names or TOML paths, comma-separated: one book per insurance year) |
 | ``catalogue`` | ``CITIZENCARD_CATALOGUE`` | ``var/catalogue.csv`` |
 | ``public_origin`` | ``CITIZENCARD_PUBLIC_ORIGIN`` | none: the URL the request arrived on |
 | ``group_commit_wait_ms`` | ``CITIZENCARD_GROUP_COMMIT_WAIT_MS`` | 5: longest a ledger entry waits for others to share its commit |

@@ -250,7 +250,7 @@ class CardService:
             raise Invalid("qr_payload_malformed", str(exc)) from None
         if result is not cg.CryptogramResult.OK:
             raise Rejected(str(result.value), f"QR code: {result.value}")
-        if not self.nonce_store.claim(f"qr:{parsed.pan}:{parsed.atc}", QR_VALIDITY_S * 2):
+        if not self.nonce_store.claim(_qr_claim(parsed.pan, parsed.atc), QR_VALIDITY_S * 2):
             raise Rejected("qr_code_already_used", "this QR code has already paid")
         if consume:
             self._advance_atc(parsed.pan, parsed.atc)
@@ -273,6 +273,20 @@ class CardService:
         except Exception:  # the database is failing: the caller's own error is the one to report
             log.warning("card %s: ATC %d could not be marked used", auth.pan, auth.atc, exc_info=True)
 
+    def unclaim(self, auth: Authorisation) -> None:
+        """Give back the single-use claim of ``auth``'s QR code (nothing for a card), for a
+        payment that failed before anything was committed with it — the database unavailable,
+        say — so that the terminal's resend of the same request can use the same code. Safe
+        even if the payment did commit after all: its counter was then advanced with it, and a
+        second use is refused as ``atc_replayed``. Best effort: a store that cannot answer
+        leaves the claim to expire (logged)."""
+        if auth.method != "qr":
+            return
+        try:
+            self.nonce_store.release(_qr_claim(auth.pan, auth.atc))
+        except Exception:  # the store is failing: the caller's own error is the one to report
+            log.warning("QR code of card %s (ATC %d) could not be given back", auth.pan, auth.atc, exc_info=True)
+
     def _advance_atc(self, pan: str, atc: int) -> None:
         """Accept ATC ``atc`` of card ``pan`` once, on its own: the compare-and-set of
         :class:`AdvanceCounter` in its own transaction (EMV Book 2: an ATC at or below the last
@@ -294,6 +308,22 @@ class CardService:
             if not isinstance(exc, HookRefused) and hook_refusal(exc) is None:
                 raise
             raise Rejected("atc_replayed", f"card {pan}: ATC {atc} was already used") from None
+
+
+def _qr_claim(pan: str, atc: int) -> str:
+    """The single-use store's key of a QR code: its card and counter."""
+    return f"qr:{pan}:{atc}"
+
+
+def qr_pan(payload: str) -> str:
+    """The PAN that a scanned QR payload (EMVCo CPM) names, read without checking its
+    cryptogram. Raises Invalid ``qr_payload_malformed``."""
+    from card import cpm
+
+    try:
+        return cpm.parse_cpm_payload(payload).pan
+    except ValueError as exc:
+        raise Invalid("qr_payload_malformed", str(exc)) from None
 
 
 class AdvanceCounter(BatchedHook):

@@ -25,7 +25,8 @@ Policy book format (TOML)::
     [book]                       # required: who and what this file is
     name = "test-policy-P"
     region = "TEST"
-    year = 2026
+    year = 2026                  # the insurance year it holds the policy of
+    last_year = 2026             # optional: the last year it also covers (default: year)
     verified = false             # true only for figures checked against the published policy
     source = "where the figures come from"
 
@@ -67,7 +68,7 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from ledger.money import AMOUNT_FEN_MAX, MoneyError, to_decimal
 
@@ -88,6 +89,7 @@ POLICY_ROWS_MAX = 10_000
 
 _KEY_FIELDS = ("insutype", "retired", "hospital_tier", "med_type")
 _BOOK_FIELDS = ("name", "region", "year", "verified", "source")
+_BOOK_OPTIONAL = ("last_year",)
 _BUILTIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -97,6 +99,11 @@ class PolicyError(ValueError):
 
 class PolicyNotFound(LookupError):
     """No policy row (or no built-in policy book) for the requested key; the message names it."""
+
+
+class PolicyYearMissing(PolicyNotFound):
+    """No loaded policy book covers the insurance year asked for; the message names the year
+    and the books loaded."""
 
 
 PolicyKey = tuple[str, bool, int, str]
@@ -187,6 +194,7 @@ _PARSERS = {
     "name": _name,
     "region": _text,
     "year": _year,
+    "last_year": _year,
     "insutype": _insutype,
     "retired": _flag,
     "hospital_tier": _tier,
@@ -365,6 +373,18 @@ class PolicyBook:
     source: str
     origin: str
     policies: Mapping[PolicyKey, Policy] = field(repr=False)
+    #: the last insurance year the book covers (``[book] last_year``; its ``year`` when absent)
+    last_year: int | None = None
+
+    def covers(self, year: int) -> bool:
+        """Whether the book holds the policy of insurance year ``year``."""
+        return self.year <= year <= (self.last_year or self.year)
+
+    @property
+    def years_text(self) -> str:
+        """The insurance years it covers, for messages: ``2026`` or ``2026-2099``."""
+        last = self.last_year or self.year
+        return str(self.year) if last == self.year else f"{self.year}-{last}"
 
     def find(self, insutype: str, retired: bool, hospital_tier: int, med_type: str) -> Policy:
         """The policy for one key; raises :class:`PolicyNotFound` naming the key and the book."""
@@ -379,6 +399,46 @@ class PolicyBook:
 
     def __len__(self) -> int:
         return len(self.policies)
+
+
+class PolicyShelf:
+    """The policy books an engine settles with, each covering its insurance years (``[book]
+    year`` to ``last_year``), no year covered twice.
+
+    A visit is split with the book of its insurance year, and a refund re-split with the book
+    of the year the refunded settlement belongs to — never with the book in force today: the
+    deductible, ratios and caps of one year apply to that year's visits (NHSA: the parameters
+    are published per year). A year no book covers is refused (:class:`PolicyYearMissing`)
+    rather than settled with another year's figures. Raises :class:`PolicyError` for no book,
+    or two books covering one year.
+    """
+
+    def __init__(self, books: Sequence[PolicyBook]) -> None:
+        if not books:
+            raise PolicyError("no policy book given")
+        for i, book in enumerate(books):
+            for other in books[:i]:
+                first = max(book.year, other.year)
+                if first <= min(book.last_year or book.year, other.last_year or other.year):
+                    raise PolicyError(f"{other.origin} and {book.origin} both cover insurance year {first}")
+        self.books = tuple(sorted(books, key=lambda b: b.year))
+
+    def book_for(self, year: int) -> PolicyBook:
+        """The book of insurance year ``year``; raises :class:`PolicyYearMissing`."""
+        for book in self.books:
+            if book.covers(year):
+                return book
+        loaded = ", ".join(f"{b.origin} ({b.years_text})" for b in self.books)
+        raise PolicyYearMissing(f"no policy book covers insurance year {year} (loaded: {loaded}); "
+                                f"load that year's book with the others (CITIZENCARD_POLICY)")
+
+    def find(self, insutype: str, retired: bool, hospital_tier: int, med_type: str, year: int) -> Policy:
+        """The policy for one key in the book of insurance ``year``; raises
+        :class:`PolicyYearMissing` or :class:`PolicyNotFound` naming the key and the book."""
+        return self.book_for(year).find(insutype, retired, hospital_tier, med_type)
+
+    def __iter__(self) -> Iterator[PolicyBook]:
+        return iter(self.books)
 
 
 def parse_policy_book(text: str, origin: str) -> PolicyBook:
@@ -405,10 +465,13 @@ def _parse_book(doc: dict[str, Any], origin: str) -> PolicyBook:
     book = doc.get("book")
     if not isinstance(book, dict):
         raise PolicyError("book: missing [book] table (name, region, year, verified, source)")
-    header = _parse_table(book, "book", _BOOK_FIELDS)
+    header = _parse_table(book, "book", _BOOK_FIELDS + _BOOK_OPTIONAL)
     for name in _BOOK_FIELDS:
         if name not in header:
             raise PolicyError(f"book.{name}: missing")
+    last_year = header.get("last_year", header["year"])
+    if last_year < header["year"]:
+        raise PolicyError(f"book.last_year: {last_year} is before book.year {header['year']}")
 
     defaults_raw = doc.get("defaults", {})
     if not isinstance(defaults_raw, dict):
@@ -448,7 +511,7 @@ def _parse_book(doc: dict[str, Any], origin: str) -> PolicyBook:
             defined_by[policy.key] = label
     return PolicyBook(name=header["name"], region=header["region"], year=header["year"],
                       verified=header["verified"], source=header["source"], origin=origin,
-                      policies=policies)
+                      policies=policies, last_year=last_year)
 
 
 def load_policy_book(path: str | Path) -> PolicyBook:

@@ -54,16 +54,16 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, and_, bindparam, or_, select
 
-from card.service import CardService, local_date
+from card.service import CardService, local_date, qr_pan
 from ledger.db import HOOK_REFUSED, HookRefused, is_unique_violation
-from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
+from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected, Unavailable
 from ledger.model import (AccountResult, BalanceAssertion, EntryOutcome, EntryResult, EntrySpec,
                           TransferResult, TransferSpec)
 from ledger.store import BatchedHook, InsertRows, Ledger
 from settlement import chart, declines
 from settlement.catalogue import Catalogue, CatalogueItem
 from settlement.days import BusinessDays, DayOpen, book_on_open_day, is_day_closed
-from settlement.policy import INPATIENT_MED_TYPES, PolicyBook, PolicyNotFound
+from settlement.policy import INPATIENT_MED_TYPES, PolicyNotFound, PolicyShelf, PolicyYearMissing
 from settlement.reads import CitizenRef, SettleContext, load_context, usable_pan
 from settlement.schema import settlements
 from settlement.split import (BillLine, PersonState, SplitInputError, parse_bill_lines, partial_refund,
@@ -132,6 +132,23 @@ def text_field(req: dict, name: str, *, chars_max: int = ID_CHARS_MAX, required:
         raise Invalid("field_invalid", f"{name}: {RESERVED_CHAR!r} is reserved for ids the engine derives",
                       field=name)
     return value
+
+
+#: the setlinfo amounts a partial refund gives back, each as (original - re-split), fen
+REFUND_FIELDS = ("medfee_sumamt", "hifp_pay", "hifmi_pay", "fund_pay_sumamt", "acct_pay", "psn_cash_pay")
+
+
+def _add_refund(doc: dict, original_setlinfo: dict) -> dict:
+    """Add to a partial refund's new settlement document what each payer got back:
+    ``refund`` = {field: original - new, fen} over :data:`REFUND_FIELDS`."""
+    doc["refund"] = {k: original_setlinfo[k] - doc["setlinfo"][k] for k in REFUND_FIELDS}
+    return doc
+
+
+def _cancellation_document(doc: dict) -> dict:
+    """A cancellation's first answer, with the ``status`` its replay reads from its row."""
+    doc["status"] = "cancellation"
+    return doc
 
 
 def fingerprint(doc: Any) -> str:
@@ -368,7 +385,7 @@ class SettlementService:
     itself or a group committer); ``clock_us`` is the engine's clock (µs since the epoch)."""
 
     def __init__(self, engine: Engine, ledger: Ledger, submit: Callable[..., EntryOutcome],
-                 cards: CardService, policies: PolicyBook, catalogue: Catalogue, days: BusinessDays,
+                 cards: CardService, policies: PolicyShelf, catalogue: Catalogue, days: BusinessDays,
                  accounts: AccountCache, clock_us: Callable[[], int]) -> None:
         self.engine = engine
         self.ledger = ledger
@@ -473,11 +490,17 @@ class SettlementService:
             raise Invalid("line_invalid", str(exc)) from None
 
     # ------------------------------------------------------------------ state
-    def _policy(self, ctx: TerminalContext, citizen, med_type: str):
+    def _policy(self, ctx: TerminalContext, citizen, med_type: str, year: int):
+        """The policy of the person's insurance type, the clinic's tier and the visit type, in
+        the book of insurance ``year`` (the visit's; for a refund, the refunded settlement's).
+        Raises Unavailable ``policy_year_missing`` (503: the engine lacks that year's book, the
+        request is fine), Invalid ``policy_not_found``, Rejected ``terminal_not_a_clinic``."""
         if ctx.org_kind != "clinic" or ctx.hospital_tier is None:
             raise Rejected("terminal_not_a_clinic", f"terminal {ctx.terminal_id} does not belong to a clinic")
         try:
-            return self.policies.find(citizen.insutype, bool(citizen.retired), ctx.hospital_tier, med_type)
+            return self.policies.find(citizen.insutype, bool(citizen.retired), ctx.hospital_tier, med_type, year)
+        except PolicyYearMissing as exc:
+            raise Unavailable("policy_year_missing", str(exc)) from None
         except PolicyNotFound as exc:
             raise Invalid("policy_not_found", str(exc), field="med_type") from None
 
@@ -561,7 +584,7 @@ class SettlementService:
         year = self.insu_year()
         sc = self._context(ctx, visit, year)
         citizen = self._citizen_of(sc, visit.psn_no)
-        policy = self._policy(ctx, citizen, visit.med_type)
+        policy = self._policy(ctx, citizen, visit.med_type, year)
         names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         self.accounts.ensure(list(names.values()))
         state, net = self._state_of(names, sc.balances)
@@ -623,12 +646,13 @@ class SettlementService:
         A card's or QR code's ATC is accepted in the transaction that posts the payment (a
         ledger hook, which also finds the card still active), or with the recorded refusal when
         the settlement ends without posting — declined for funds, say: the counter is spent
-        either way, as on a real card."""
+        either way, as on a real card. A transient failure (database unavailable) spends
+        nothing, so the same request sent again completes."""
         visit = self.parse_visit(req)
         unspent: list = []  # a card or QR authorisation whose counter is not accepted yet
         authorised: list = []  # the card or QR authorisation this settlement was paid with
         try:
-            return self._settle(ctx, visit, unspent, authorised)
+            doc = self._settle(ctx, visit, unspent, authorised)
         except DomainError as exc:
             auth = authorised[-1] if authorised else None
             if auth is None or auth not in unspent:
@@ -650,11 +674,19 @@ class SettlementService:
                 if replay is not None:
                     return replay
             elif recorded == declines.FAILED:
-                unspent.append(auth)  # spent on its own below, as before declines were recorded
+                self.cards.consume(auth)  # spent on its own, as before declines were recorded
             raise
-        finally:
+        except Exception:
+            # Any other error (the database unavailable, 503) leaves the counter unspent and
+            # gives a QR code back: nothing was posted with them, so this very request sent
+            # again — after its query by msgid finds nothing — completes with the same
+            # cryptogram instead of answering atc_replayed or qr_code_already_used.
             for auth in unspent:
-                self.cards.consume(auth)
+                self.cards.unclaim(auth)
+            raise
+        for auth in unspent:  # answered by a copy's settlement: this authorisation paid nothing
+            self.cards.consume(auth)
+        return doc
 
     def _declined(self, ctx: TerminalContext, visit: Visit) -> DomainError | None:
         """The refusal recorded for this message (see :mod:`settlement.declines`)."""
@@ -672,7 +704,7 @@ class SettlementService:
             if declined is not None:
                 raise declined
         citizen = self._citizen_of(sc, visit.psn_no)
-        policy = self._policy(ctx, citizen, visit.med_type)
+        policy = self._policy(ctx, citizen, visit.med_type, year)
         visit = self._restricted(visit, ctx, citizen, policy)
         names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         payable = chart.clinic_payable(ctx.org_code)
@@ -813,12 +845,7 @@ class SettlementService:
         neither is left alone. Raises NotFound ``card_not_found``, Invalid
         ``qr_payload_malformed``, Rejected ``card_blocked`` or ``card_holder_mismatch``."""
         if payment.get("method") == "qr" and "payload" in payment:
-            from card import cpm
-
-            try:
-                pan = cpm.parse_cpm_payload(str(payment["payload"])).pan
-            except ValueError as exc:
-                raise Invalid("qr_payload_malformed", str(exc)) from None
+            pan = qr_pan(str(payment["payload"]))
         elif "pan" in payment:
             pan = payment["pan"]
         else:
@@ -938,10 +965,18 @@ class SettlementService:
         }
 
     def _document(self, row, *, replayed: bool) -> dict:
+        """The answer for a stored settlement row, with its ``status`` as of now; a partial
+        refund's new settlement also carries what each payer got back (``refund``), as its
+        first answer did."""
         doc = self._document_from(row._asdict(), replayed=replayed)
         with self.engine.connect() as conn:
             cancel = conn.execute(select(settlements.c.setl_id, settlements.c.kind)
                                   .where(settlements.c.original_setl_id == row.setl_id)).all()
+            if row.kind == "settlement" and row.original_setl_id:  # a partial refund's re-split
+                original = conn.execute(select(settlements.c.setlinfo)
+                                        .where(settlements.c.setl_id == row.original_setl_id)).scalar()
+                if original is not None:
+                    _add_refund(doc, json.loads(original))
         if row.kind != "settlement":
             doc["status"] = row.kind
         elif not cancel:
@@ -993,7 +1028,8 @@ class SettlementService:
         msgid = text_field(req if isinstance(req, dict) else {}, "msgid")
         orig = self._original(ctx, setl_id)
         key = undo_key(setl_id)
-        done = self._find_reversal(orig, msgid)
+        request_hash = fingerprint({"cancel": setl_id})
+        done = self._find_reversal(orig, msgid, request_hash)
         if done is not None:
             return done
         own = self._own_legs(orig)
@@ -1005,32 +1041,32 @@ class SettlementService:
             row = dict(orig._asdict())
             row.update(setl_id=cancel_id, msgid=msgid, terminal_id=ctx.terminal_id, kind="cancellation",
                        original_setl_id=setl_id, entry_key=key, business_date=business_date,
-                       created_ts=self.clock_us(), request_hash=fingerprint({"cancel": setl_id}))
+                       created_ts=self.clock_us(), request_hash=request_hash)
             if not legs:
                 try:
                     if not self._insert_rows([row], tuple(AdmissionOpen(g.account) for g in guard)):
-                        return self._reversal_or_msgid_reused(orig, msgid)
+                        return self._reversal_or_msgid_reused(orig, msgid, request_hash)
                 except HookRefused as exc:
                     if is_admission_closed(exc):  # the final was settled since it was read
                         raise admission_closed(orig.mdtrt_id, "cancel an interim batch") from None
                     raise
-                return self._document_from(row, replayed=False)
+                return _cancellation_document(self._document_from(row, replayed=False))
             entry = EntrySpec(key=key, kind="reversal", reverses=orig.entry_key,
                               transfers=tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
                               metadata={"setl_id": cancel_id, "legs_from": 0}, assertions=guard)
             try:
                 outcome = self._post(entry, (DayOpen(business_date), InsertRows(settlements, [row])))
             except RowTaken:  # the msgid was taken by a concurrent request
-                return self._reversal_or_msgid_reused(orig, msgid)
+                return self._reversal_or_msgid_reused(orig, msgid, request_hash)
             if not outcome.ok or outcome.replayed:  # a replay: a concurrent cancellation, maybe another msgid's
-                done = self._find_reversal(orig, msgid)
+                done = self._find_reversal(orig, msgid, request_hash)
                 if done is not None:
                     return done
                 if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:  # only the guard asserts
                     raise admission_closed(orig.mdtrt_id, "cancel an interim batch")
                 if not outcome.ok:
                     raise self._refusal(outcome, legs)
-            return self._document_from(row, replayed=False)
+            return _cancellation_document(self._document_from(row, replayed=False))
 
         return book_on_open_day(self.days, book)
 
@@ -1063,16 +1099,22 @@ class SettlementService:
                                 what=what)
         return (BalanceAssertion(names["adm_final"], 0),)
 
-    def _reversal_or_msgid_reused(self, orig, msgid: str) -> dict:
+    def _reversal_or_msgid_reused(self, orig, msgid: str, request_hash: str) -> dict:
         """After this message's reversal row could not be written: the reversal this message
         made (a concurrent copy wrote it), or Conflict ``msgid_reused`` (another request holds
         the msgid)."""
-        done = self._find_reversal(orig, msgid)
+        done = self._find_reversal(orig, msgid, request_hash)
         if done is not None:
             return done
         raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
 
-    def _find_reversal(self, orig, msgid: str) -> dict | None:
+    def _find_reversal(self, orig, msgid: str, request_hash: str) -> dict | None:
+        """The answer this message (``msgid``) already got for undoing ``orig`` — its
+        cancellation, or its partial refund's new settlement with what each payer got back
+        (``refund``) — as a replay; None when it has undone nothing. Raises Conflict
+        ``msgid_reused`` when the msgid holds another request (another settlement's undoing, or
+        another undoing of this one: its ``request_hash`` differs, other ``returns`` say), and
+        ``already_cancelled`` when another message undid ``orig``."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(settlements).where(settlements.c.original_setl_id == orig.setl_id)
                                 .order_by(settlements.c.created_ts)).all()
@@ -1085,15 +1127,16 @@ class SettlementService:
             rows = [other]  # a concurrent copy of this request committed between the two reads
         mine = [r for r in rows if r.msgid == msgid]
         if mine:
+            if mine[-1].request_hash != request_hash:
+                raise Conflict("msgid_reused", f"msgid {msgid} was used for another request")
             return self._document(mine[-1], replayed=True)
         raise Conflict("already_cancelled", f"settlement {orig.setl_id} was already cancelled or refunded")
 
-    def _refund_document(self, new_row: dict, info0: dict, info, *, replayed: bool) -> dict:
+    def _refund_document(self, new_row: dict, info0: dict, *, replayed: bool) -> dict:
         """The new settlement's document plus what each payer got back (``refund``, fen)."""
         doc = self._document_from(new_row, replayed=replayed)
-        doc["refund"] = {k: info0[k] - getattr(info, k) for k in
-                         ("medfee_sumamt", "hifp_pay", "hifmi_pay", "fund_pay_sumamt", "acct_pay", "psn_cash_pay")}
-        return doc
+        doc["status"] = "settled"
+        return _add_refund(doc, info0)
 
     def refund(self, ctx: TerminalContext, setl_id: str, req: dict) -> dict:
         """Partial refund: return ``returns`` = ``[{"feedetl_sn", "cnt"}]`` units of some lines.
@@ -1110,9 +1153,6 @@ class SettlementService:
         if not isinstance(returns, list) or not returns:
             raise Invalid("field_invalid", "returns: must be a non-empty list of {feedetl_sn, cnt}", field="returns")
         orig = self._original(ctx, setl_id)
-        done = self._find_reversal(orig, msgid)
-        if done is not None:
-            return done
         orig_lines = parse_bill_lines([{k: v for k, v in line.items() if k in (
             "feedetl_sn", "hilist_code", "name", "chrgitm_lv", "pric", "cnt", "selfpay_prop", "pric_uplmt_amt",
             "memo")
@@ -1134,8 +1174,12 @@ class SettlementService:
                           field="returns")
         if not remaining:
             return self.cancel(ctx, setl_id, {"msgid": msgid})
+        request_hash = fingerprint({"refund": setl_id, "returns": units})
+        done = self._find_reversal(orig, msgid, request_hash)
+        if done is not None:
+            return done
         citizen = self.cards.citizen(orig.psn_no)
-        policy = self._policy(ctx, citizen, orig.med_type)
+        policy = self._policy(ctx, citizen, orig.med_type, orig.insu_year)
         info0 = json.loads(orig.setlinfo)
         names = self._accounts_for(citizen, orig.insu_year, orig.mdtrt_id, policy)
         payable = chart.clinic_payable(ctx.org_code)
@@ -1148,7 +1192,7 @@ class SettlementService:
         key = undo_key(setl_id)
         new_id = derived_id("S", key)
         visit = Visit(msgid, orig.mdtrt_id, (RESERVED_CHAR + "R" + new_id)[:ID_CHARS_MAX], orig.psn_no, orig.med_type, interim,
-                      tuple(remaining), {"method": orig.pay_method}, fingerprint({"refund": setl_id, "returns": units}))
+                      tuple(remaining), {"method": orig.pay_method}, request_hash)
         business_date = self.days.current()
         for _attempt in range(ATTEMPTS_MAX):
             state, net = self._read_state(names)
@@ -1167,7 +1211,7 @@ class SettlementService:
             try:
                 without = PersonState(**adjusted)
             except SplitInputError:  # a negative figure: the original was reversed since it was read
-                done = self._find_reversal(orig, msgid)
+                done = self._find_reversal(orig, msgid, request_hash)
                 if done is not None:
                     return done
                 raise Conflict("already_cancelled", f"settlement {setl_id} was already cancelled or refunded") from None
@@ -1195,11 +1239,11 @@ class SettlementService:
                 if not transfers:  # nothing moved through the ledger either way: cash only
                     guards = (AdmissionOpen(names["adm_final"]),) if interim else ()
                     if not self._insert_rows([cancel_row, new_row], guards):
-                        return self._reversal_or_msgid_reused(orig, msgid)
-                    return self._refund_document(new_row, info0, info, replayed=False)
+                        return self._reversal_or_msgid_reused(orig, msgid, request_hash)
+                    return self._refund_document(new_row, info0, replayed=False)
                 outcome = self._post(entry, (DayOpen(business_date), InsertRows(settlements, [cancel_row, new_row])))
             except RowTaken:  # the msgid was taken by a concurrent request
-                return self._reversal_or_msgid_reused(orig, msgid)
+                return self._reversal_or_msgid_reused(orig, msgid, request_hash)
             except HookRefused as exc:
                 if is_admission_closed(exc):  # the final was settled since it was read
                     raise admission_closed(orig.mdtrt_id, "refund an interim batch") from None
@@ -1208,15 +1252,15 @@ class SettlementService:
                 business_date = self._day_after_refusal()  # the day began closing: book on the next
                 continue
             if outcome.ok and outcome.replayed:  # a concurrent refund posted it, maybe under another msgid
-                done = self._find_reversal(orig, msgid)
+                done = self._find_reversal(orig, msgid, request_hash)
                 if done is not None:
                     return done
             if outcome.ok:
-                return self._refund_document(new_row, info0, info, replayed=outcome.replayed)
+                return self._refund_document(new_row, info0, replayed=outcome.replayed)
             if outcome.result is EntryResult.BALANCE_ASSERTION_FAILED:
                 contention_backoff(_attempt)
                 continue
-            done = self._find_reversal(orig, msgid)
+            done = self._find_reversal(orig, msgid, request_hash)
             if done is not None:
                 return done
             raise self._refusal(outcome, list(reverse + new_legs))

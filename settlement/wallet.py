@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine, insert, select
 
-from card.service import CardService
+from card.service import CardService, qr_pan
 from ledger.db import HookRefused
 from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
 from ledger.model import EntryOutcome, EntryResult, EntrySpec, TransferResult, TransferSpec
@@ -125,8 +125,12 @@ class WalletService:
         if not isinstance(payment, dict) or payment.get("method") not in ("card", "qr"):
             raise Invalid("payment_method_unknown", "payment.method must be 'card' or 'qr'", field="payment.method")
         ident = payment.get("pan") if payment["method"] == "card" else payment.get("payload")
+        if not isinstance(ident, str):
+            raise Invalid("field_invalid", "payment: card data missing", field="payment")
+        # Who pays is part of the request: the card's PAN, read from a QR code's payload (a
+        # resend under the same msgid with another person's code is another request).
         request_hash = fingerprint({"amount_fen": amount, "method": payment["method"], "merchant": ctx.org_code,
-                                    "pan": payment.get("pan")})
+                                    "pan": ident if payment["method"] == "card" else qr_pan(ident)})
         replay = self._replay(payments, ctx.org_code, msgid, request_hash)
         if replay is not None:
             return replay
@@ -134,8 +138,6 @@ class WalletService:
                                     reused="exists_with_different_content")
         if refused is not None:  # this very request was refused after the card authorised it
             raise refused
-        if not isinstance(ident, str):
-            raise Invalid("field_invalid", "payment: card data missing", field="payment")
         try:
             auth = self.cards.authorise(payment, amount_fen=amount, terminal_id=ctx.terminal_id, consume=False)
         except Rejected as exc:
@@ -148,8 +150,7 @@ class WalletService:
             raise
         # The counter is accepted in the transaction that posts the payment (with the card's
         # status checked there too), or, when the payment is refused, in the one that records
-        # the refusal; on its own only when that fails (see ``finally``).
-        unspent = [auth]
+        # the refusal; on its own only when that fails.
         key = f"pay:{ctx.org_code}:{msgid}"
         payable = chart.merchant_payable(ctx.org_code)
         self.accounts.ensure([payable, chart.wallet_account(auth.pan)])
@@ -168,8 +169,6 @@ class WalletService:
                 if is_day_closed(exc):
                     raise  # nothing written, the counter neither: booked again on the open day
                 raise _CounterTaken() from exc
-            if outcome.ok:
-                unspent.clear()  # accepted with the payment (or by the original this replays)
             return self._finish(outcome, payments, msgid, request_hash, row)
 
         try:
@@ -177,7 +176,6 @@ class WalletService:
         except _CounterTaken:
             # The counter was used meanwhile (by a copy of this request?), or the card was
             # blocked since it was read: nothing was written.
-            unspent.clear()
             for wait in (False, True):  # a copy's answer committed already, or one in flight
                 replay = self._copy_answer(ctx, msgid, request_hash, wait=wait)
                 if replay is not None:
@@ -187,18 +185,20 @@ class WalletService:
         except DomainError as exc:  # refused after the card authorised it: spent with the refusal
             recorded = declines.record(self.accounts.ledger, org_code=ctx.org_code, msgid=msgid,
                                        request_hash=request_hash, auth=auth, refusal=exc, now_us=self.clock_us(),
-                                       hooks=(self.cards.counter_hook(auth),) if unspent else ())
+                                       hooks=(self.cards.counter_hook(auth),))
             if recorded == declines.COUNTER_USED:  # a copy of this request used it first: its answer
-                unspent.clear()
                 replay = self._copy_answer(ctx, msgid, request_hash, wait=False)
                 if replay is not None:
                     return replay
-            elif recorded != declines.FAILED:
-                unspent.clear()
+            elif recorded == declines.FAILED:
+                self.cards.consume(auth)  # spent on its own, as before declines were recorded
             raise
-        finally:
-            for spent in unspent:
-                self.cards.consume(spent)
+        except Exception:
+            # Any other error (the database unavailable, 503) leaves the counter unspent and
+            # gives a QR code back: nothing was posted with them, so this very request sent
+            # again completes with the same cryptogram.
+            self.cards.unclaim(auth)
+            raise
         doc["arpc"] = auth.arpc_hex
         return doc
 

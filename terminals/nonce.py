@@ -64,6 +64,16 @@ class NonceStore(Protocol):
         """
         ...
 
+    def release(self, key: str) -> None:
+        """Forget the claim of ``key`` (nothing happens if it is not held): for a use that did
+        not take effect — the work the claim guarded failed before it committed anything — so
+        that the same request sent again may claim it. Never call it for a use that may have
+        taken effect.
+
+        :raises NonceStoreError: the store cannot answer (the claim then stays until it expires).
+        """
+        ...
+
     def close(self) -> None:
         """Release resources; later claims raise :class:`NonceStoreUnavailable`."""
         ...
@@ -129,6 +139,14 @@ class InMemoryNonceStore:
             self._expiry[key] = when
             heapq.heappush(self._heap, (when, key))
             return True
+
+    def release(self, key: str) -> None:
+        """See :meth:`NonceStore.release`. Its heap record stays until its expiry, when
+        :meth:`_purge` finds it no longer current."""
+        with self._lock:
+            if self._closed:
+                raise NonceStoreUnavailable("nonce store is closed")
+            self._expiry.pop(key, None)
 
     def __len__(self) -> int:
         """Number of keys held (live ones plus any expired ones not yet purged)."""
@@ -197,6 +215,19 @@ class RedisNonceStore:
         except self._redis_error as exc:
             raise NonceStoreUnavailable(f"redis nonce store unavailable: {exc}") from exc
         return bool(created)
+
+    def release(self, key: str) -> None:
+        """See :meth:`NonceStore.release`: ``DEL``.
+
+        :raises NonceStoreUnavailable: Redis is unreachable, timed out or refused the command,
+            or the store was closed.
+        """
+        if self._closed:
+            raise NonceStoreUnavailable("nonce store is closed")
+        try:
+            self._client.delete(self.prefix + key)
+        except self._redis_error as exc:
+            raise NonceStoreUnavailable(f"redis nonce store unavailable: {exc}") from exc
 
     def close(self) -> None:
         """Close the client if this store created it; later claims raise NonceStoreUnavailable."""

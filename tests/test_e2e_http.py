@@ -289,7 +289,7 @@ def test_inpatient_interim_and_final_settlement_bear_one_admission_deductible(en
     interim = eng.clinic.settle(dict(base, msgid="TC000001IP1", chrg_bchno="B1", mid_setl_flag="1", lines=lines))
     final = eng.clinic.settle(dict(base, msgid="TC000001IP2", chrg_bchno="B2", mid_setl_flag="0",
                                    lines=[dict(lines[0], feedetl_sn="2", pric="900.00")]))
-    policy = eng.container.settlements.policies.find("310", False, 2, "21")
+    policy = eng.container.settlements.policies.find("310", False, 2, "21", eng.container.settlements.insu_year())
     borne = interim["setlinfo"]["act_pay_dedc"] + final["setlinfo"]["act_pay_dedc"]
     assert borne == min(policy.deductible_per_admission_fen, 120_000)
     assert eng.balance(chart.accumulator("admissions", eng.psn_no, year)) == 1

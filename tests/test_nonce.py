@@ -152,6 +152,20 @@ def test_closed_store_refuses():
         store.claim("k2", 10)
 
 
+def test_a_released_claim_can_be_claimed_again_and_only_once():
+    clock = FakeClock()
+    store = InMemoryNonceStore(clock=clock)
+    assert store.claim("qr:6200:7", 60) is True
+    store.release("qr:6200:7")
+    store.release("qr:6200:never-claimed")  # nothing held: nothing happens
+    assert race(store, "qr:6200:7").count(True) == 1
+    clock.advance(61)  # the released key's old heap record expires harmlessly
+    assert store.claim("qr:6200:8", 60) is True and store.claim("qr:6200:7", 60) is True
+    store.close()
+    with pytest.raises(NonceStoreUnavailable):
+        store.release("qr:6200:7")
+
+
 def test_make_nonce_store():
     assert isinstance(make_nonce_store(None), InMemoryNonceStore)
     assert isinstance(make_nonce_store("memory://"), InMemoryNonceStore)
@@ -179,6 +193,17 @@ def test_redis_claim_once(redis_store):
     assert redis_store.claim("sig:pos-1:a", 60) is False
     assert redis_store.claim("sig:pos-1:b", 60) is True
     assert isinstance(redis_store, NonceStore)
+
+
+@pytest.mark.redis
+def test_redis_a_released_claim_can_be_claimed_again_and_only_once(redis_store):
+    assert redis_store.claim("qr:6200:7", 60) is True
+    redis_store.release("qr:6200:7")
+    redis_store.release("qr:6200:never-claimed")
+    assert race(redis_store, "qr:6200:7").count(True) == 1
+    redis_store.close()
+    with pytest.raises(NonceStoreUnavailable):
+        redis_store.release("qr:6200:7")
 
 
 @pytest.mark.redis

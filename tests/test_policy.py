@@ -11,6 +11,8 @@ from settlement.policy import (
     Policy,
     PolicyError,
     PolicyNotFound,
+    PolicyShelf,
+    PolicyYearMissing,
     builtin_names,
     load_builtin,
     load_policy_book,
@@ -138,6 +140,10 @@ BAD_CASES = [
     ("no book table", "[book]", "[bookk]", "bad.toml: bookk: unknown top-level table"),
     ("year not a number", "year = 2026", 'year = "2026"', "book.year"),
     ("no rows", GOOD[GOOD.index("[[rows]]"):], "", "rows: missing"),
+    ("last year before year", "year = 2026\n", "year = 2026\nlast_year = 2025\n",
+     "bad.toml: book.last_year: 2025 is before book.year 2026"),
+    ("last year not a year", "year = 2026\n", "year = 2026\nlast_year = \"2027\"\n",
+     "bad.toml: book.last_year: '2027' is not an insurance year"),
     ("not TOML", "[book]", "[book", "bad.toml: not valid TOML"),
     ("unknown defaults kind", "[defaults.outpatient]\ndeductible_per_year_fen = 60000",
      "[defaults.inpatient_x]", "bad.toml: defaults.inpatient_x: unknown field"),
@@ -213,3 +219,46 @@ def test_policy_object_validates_itself():
         Policy(**{**base, "hospital_tier": True})
     with pytest.raises(PolicyError, match="deductible_per_year_fen: missing"):
         Policy(**{**base, "deductible_per_year_fen": None})
+
+
+def _book_for_years(tmp_path, year: int, last_year: int | None, name: str):
+    text = GOOD.replace("year = 2026\n", f"year = {year}\n" + (f"last_year = {last_year}\n" if last_year else ""), 1)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text, encoding="utf-8")
+    return load_policy_book(path)
+
+
+def test_a_shelf_gives_each_insurance_year_its_own_book_and_refuses_the_others(tmp_path):
+    old = _book_for_years(tmp_path, 2025, None, "y2025")
+    now = _book_for_years(tmp_path, 2026, 2027, "y2026")
+    assert (old.years_text, now.years_text) == ("2025", "2026-2027")
+    shelf = PolicyShelf([now, old])
+    assert [b.origin for b in shelf] == ["y2025.toml", "y2026.toml"]
+    assert shelf.book_for(2025) is old and shelf.book_for(2026) is now and shelf.book_for(2027) is now
+    assert shelf.find("310", False, 2, "11", 2027) == now.find("310", False, 2, "11")
+    for year in (2024, 2028):
+        with pytest.raises(PolicyYearMissing) as info:
+            shelf.find("310", False, 2, "11", year)
+        assert str(info.value).startswith(f"no policy book covers insurance year {year} "
+                                          "(loaded: y2025.toml (2025), y2026.toml (2026-2027))")
+    assert issubclass(PolicyYearMissing, PolicyNotFound)
+    with pytest.raises(PolicyError) as twice:
+        PolicyShelf([now, _book_for_years(tmp_path, 2027, None, "y2027")])
+    assert str(twice.value) == "y2026.toml and y2027.toml both cover insurance year 2027"
+    with pytest.raises(PolicyError):
+        PolicyShelf([])
+
+
+def test_the_engine_loads_books_named_by_commas_and_refuses_a_bad_list(tmp_path):
+    from api.bootstrap import load_policies
+    from ledger.errors import Invalid
+
+    a = _book_for_years(tmp_path, 2025, None, "y2025")
+    shelf = load_policies(f"{tmp_path / 'y2025.toml'}, test-policy-P")
+    assert [b.name for b in shelf] == [a.name, "test-policy-P"]
+    assert shelf.book_for(2099).name == "test-policy-P"
+    for bad, fragment in ((f"{tmp_path / 'y2025.toml'},{tmp_path / 'y2025.toml'}", "both cover insurance year 2025"),
+                          ("test-policy-P,nope", "no built-in policy book 'nope'")):
+        with pytest.raises(Invalid) as info:
+            load_policies(bad)
+        assert info.value.code == "policy_invalid" and fragment in info.value.detail

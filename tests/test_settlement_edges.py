@@ -384,7 +384,7 @@ def test_a_partial_refund_of_a_final_settlement_keeps_its_admission_of_the_year(
     p = world.add_person(personal_fen=0)
     first, second = two_admissions(world, p, "4")
     refund = return_one_unit(world, first)
-    policy = world.c.settlements.policies.find("310", False, CLINIC.hospital_tier, "21")
+    policy = world.c.settlements.policies.find("310", False, CLINIC.hospital_tier, "21", world.svc.insu_year())
     line = {k: v for k, v in first["lines"][0].items() if v is not None and k in (
         "feedetl_sn", "hilist_code", "name", "chrgitm_lv", "pric", "selfpay_prop", "pric_uplmt_amt")}
     remaining = parse_bill_lines([dict(line, cnt="3")])  # 4 billed, 1 returned
@@ -534,3 +534,123 @@ def test_a_card_blocked_after_its_cryptogram_was_checked_pays_nothing(world, mon
     with world.c.engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(payments)) == 0
         assert conn.scalar(select(func.count()).select_from(settlements)) == 0
+
+
+@pytest.mark.parametrize("where", ["merchant", "clinic"])
+@pytest.mark.parametrize("method", ["card", "qr"])
+def test_a_payment_failed_by_the_database_after_the_card_authorised_completes_when_sent_again(
+        world, monkeypatch, method, where):
+    """The database fails (503 over HTTP) after the card or QR code authorised the payment and
+    before anything was posted: the terminal's query by msgid finds nothing, and the same
+    request sent again — same cryptogram, same QR code — pays, once. Before, the counter was
+    spent on its own after the failure and the resend answered atc_replayed (reviewer, session 6)."""
+    import random
+
+    import psycopg
+
+    from ledger.db import is_database_unavailable
+    from simulators.cards import VirtualCardApp
+
+    p = world.add_person(personal_fen=0, wallet_fen=100_000)
+    service = world.c.wallet if where == "merchant" else world.svc
+    real_submit = service.submit
+    failures = []
+
+    def submit_fails_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return real_submit(*args, **kwargs)
+
+    amount = 300 if where == "merchant" else 4_580
+    ctx = MERCHANT if where == "merchant" else CLINIC
+    if method == "card":
+        payment = world.card_payment(p, amount, ctx)
+    else:
+        app = VirtualCardApp(issuer_mk=world.c.keys.issuer_mk, pan=p.pan, psn="01", atc=950)
+        payment = {"method": "qr", "payload": app.make_qr(world.clock() // 1_000_000, random.Random(4))}
+    if where == "merchant":
+        req = {"msgid": f"P{world.next():012d}", "amount_fen": amount, "payment": payment}
+        send = partial(world.c.wallet.pay, MERCHANT)
+    else:
+        req = world.visit(p, world.bill(("C", "45.80", "1")), method=method)
+        req["payment"] = payment
+        send = partial(world.svc.settle, CLINIC)
+    monkeypatch.setattr(service, "submit", submit_fails_once)
+    snap = world.pending_free_snapshot()
+    with pytest.raises(Exception) as first:
+        send(dict(req))
+    assert is_database_unavailable(first.value) and failures == [1]
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    if where == "clinic":
+        with pytest.raises(NotFound):
+            world.svc.query_by_msgid(CLINIC, req["msgid"])
+    done = send(dict(req))
+    assert done["replayed"] is False
+    again = send(dict(req))
+    assert again["replayed"] is True
+    assert world.net(chart.wallet_account(p.pan)) == 100_000 - amount  # paid once
+
+
+def test_a_merchant_msgid_sent_again_with_another_persons_qr_code_is_another_request(world):
+    """A QR payment's request is who pays (the card the code names) as well as how much: the
+    same msgid with another person's code is a conflict, never the first payment replayed
+    (which would let the merchant hand the goods over unpaid) and never a charge to the other."""
+    import random
+
+    from simulators.cards import VirtualCardApp
+
+    a = world.add_person(personal_fen=0, wallet_fen=10_000)
+    b = world.add_person(personal_fen=0, wallet_fen=10_000)
+
+    def qr(person, atc: int) -> dict:
+        app = VirtualCardApp(issuer_mk=world.c.keys.issuer_mk, pan=person.pan, psn="01", atc=atc)
+        return {"method": "qr", "payload": app.make_qr(world.clock() // 1_000_000, random.Random(atc))}
+
+    msgid = f"P{world.next():012d}"
+    first = world.c.wallet.pay(MERCHANT, {"msgid": msgid, "amount_fen": 500, "payment": qr(a, 60)})
+    assert first["pan"] == a.pan
+    with pytest.raises(Conflict) as exc:
+        world.c.wallet.pay(MERCHANT, {"msgid": msgid, "amount_fen": 500, "payment": qr(b, 61)})
+    assert exc.value.code == "exists_with_different_content"
+    assert world.c.wallet.pay(MERCHANT, {"msgid": msgid, "amount_fen": 500, "payment": qr(a, 62)})["replayed"] is True
+    assert world.net(chart.wallet_account(a.pan)) == 9_500 and world.net(chart.wallet_account(b.pan)) == 10_000
+    with pytest.raises(Invalid) as bad:
+        world.c.wallet.pay(MERCHANT, {"msgid": f"P{world.next():012d}", "amount_fen": 500,
+                                      "payment": {"method": "qr", "payload": "garbage"}})
+    assert bad.value.code == "qr_payload_malformed"
+
+
+def test_a_refund_or_cancellation_sent_again_answers_exactly_its_first_answer(world):
+    """The cashier who lost the answer to a partial refund learns from the resend (or the query
+    by msgid) what each payer gets back, as the first answer said; the same msgid with other
+    ``returns`` is another request (``msgid_reused``, nothing moves), never the first refund
+    replayed; a cancellation's first answer and its replay agree, ``status`` included
+    (reviewer, session 6: the replay had no ``refund``, the cancellation's first ``status`` was
+    missing)."""
+    p = world.add_person(personal_fen=20_000, wallet_fen=0)
+    a = world.settle(p, world.bill(("A", "120.00", "3"), ("B", "42.52", "2"), ("C", "18.30", "1")))
+    msgid = world.msgid(world.next())
+    first = world.svc.refund(CLINIC, a["setl_id"], {"msgid": msgid, "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    assert first["status"] == "settled" and first["replayed"] is False
+    assert first["refund"]["medfee_sumamt"] == 12_000 and sum(first["refund"].values()) > 0
+    again = world.svc.refund(CLINIC, a["setl_id"], {"msgid": msgid, "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+    assert again == dict(first, replayed=True)
+    assert world.svc.query_by_msgid(CLINIC, msgid) == again
+    assert world.svc.get(CLINIC, first["setl_id"]) == again
+    snap = world.pending_free_snapshot()
+    for other in ([{"feedetl_sn": "1", "cnt": "2"}], [{"feedetl_sn": "2", "cnt": "1"}]):
+        with pytest.raises(Conflict) as exc:
+            world.svc.refund(CLINIC, a["setl_id"], {"msgid": msgid, "returns": other})
+        assert exc.value.code == "msgid_reused"
+    with pytest.raises(Conflict) as exc:  # a cancellation under the refund's msgid: another request too
+        world.svc.cancel(CLINIC, a["setl_id"], {"msgid": msgid})
+    assert exc.value.code == "msgid_reused"
+    assert nothing_moved(snap, world.pending_free_snapshot())
+
+    b = world.settle(p, world.bill(("A", "20.00", "1")))
+    cancel_msgid = world.msgid(world.next())
+    cancelled = world.svc.cancel(CLINIC, b["setl_id"], {"msgid": cancel_msgid})
+    assert cancelled["status"] == "cancellation" and cancelled["replayed"] is False
+    assert world.svc.cancel(CLINIC, b["setl_id"], {"msgid": cancel_msgid}) == dict(cancelled, replayed=True)
+    assert world.svc.query_by_msgid(CLINIC, cancel_msgid) == dict(cancelled, replayed=True)

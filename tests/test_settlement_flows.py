@@ -137,7 +137,7 @@ class World:
         self.items = items
         self.svc = container.settlements
         self.ledger = container.ledger
-        self.policy = self.svc.policies.find("310", False, 2, "11")
+        self.policy = self.svc.policies.find("310", False, 2, "11", self.svc.insu_year())
         self._n = itertools.count(1)
         self.last_visit: dict = {}
         for fund in ("310100", "330100", "390100", "390200"):
@@ -853,6 +853,51 @@ def test_accumulators_are_keyed_by_the_shanghai_insurance_year(world):
     assert world.svc.insu_year() == 2027
     world.clock.set(dt.datetime(2027, 12, 31, 16, 0, 0, tzinfo=UTC))
     assert world.svc.insu_year() == 2028
+
+
+def _year_books(tmp: Path) -> str:
+    """Two policy books made from test policy P, as CITIZENCARD_POLICY names them: 2026's, and
+    2027's with a general-outpatient deductible of 800.00 yuan instead of 600.00."""
+    text = (Path(__file__).parents[1] / "settlement" / "policies" / "test-policy-P.toml").read_text()
+    assert "last_year = 2099\n" in text and "deductible_per_year_fen = 60000 " in text
+    this = text.replace("last_year = 2099\n", "last_year = 2026\n")
+    (tmp / "p2026.toml").write_text(this)
+    (tmp / "p2027.toml").write_text(this.replace("year = 2026\n", "year = 2027\n").replace(
+        "last_year = 2026\n", "last_year = 2027\n").replace("deductible_per_year_fen = 60000 ",
+                                                              "deductible_per_year_fen = 80000 "))
+    return f"{tmp / 'p2026.toml'},{tmp / 'p2027.toml'}"
+
+
+def test_each_insurance_year_is_settled_and_refunded_by_its_own_policy_book(db_url, tmp_path):
+    """Books for 2026 and 2027 loaded together: a visit of 2027 bears 2027's deductible, and a
+    partial refund in 2027 of a settlement of 2026 is re-split by 2026's book (the year's
+    rules, not today's). A year no loaded book covers is refused as ``policy_year_missing``
+    (503: the engine lacks the book, the request is fine), and nothing moves."""
+    from ledger.errors import Unavailable
+
+    with make_world(db_url, tmp_path, policy=_year_books(tmp_path)) as world:
+        p = world.add_person(personal_fen=0)
+        world.clock.set(dt.datetime(2026, 12, 31, 23, 59, tzinfo=SHANGHAI))
+        late = world.settle(p, world.bill(("A", "700.00", "1"), ("A", "100.00", "1")))  # 80000 in scope
+        assert late["setlinfo"]["act_pay_dedc"] == 60_000 and late["setlinfo"]["hifp_pay"] == 14_000
+        world.clock.set(dt.datetime(2027, 1, 1, 0, 1, tzinfo=SHANGHAI))
+        early = world.settle(p, world.bill(("A", "500.00", "2")))  # 100000 in scope, 2027's book
+        assert early["setlinfo"]["act_pay_dedc"] == 80_000 and early["setlinfo"]["hifp_pay"] == 14_000
+        r = world.svc.refund(CLINIC, late["setl_id"], {"msgid": world.msgid(world.next()),
+                                                       "returns": [{"feedetl_sn": "2", "cnt": "1"}]})
+        # 70000 remain: 2026's book takes 60000 of deductible and pays 0.70 of 10000 (2027's would
+        # take all 70000 and pay nothing)
+        assert r["setlinfo"]["act_pay_dedc"] == 60_000 and r["setlinfo"]["hifp_pay"] == 7_000
+        assert r["refund"]["hifp_pay"] == 7_000
+        assert world.accum("dedc", p, 2026) == 60_000 and world.accum("hifp_op", p, 2026) == 7_000
+        assert world.accum("dedc", p, 2027) == 80_000 and world.accum("hifp_op", p, 2027) == 14_000
+        world.clock.set(dt.datetime(2028, 1, 1, 9, 0, tzinfo=SHANGHAI))
+        snap = world.pending_free_snapshot()
+        with pytest.raises(Unavailable) as exc:
+            world.settle(p, world.bill(("A", "10.00", "1")))
+        assert exc.value.code == "policy_year_missing" and exc.value.status == 503
+        assert "insurance year 2028" in exc.value.detail and "p2026.toml (2026)" in exc.value.detail
+        assert nothing_moved(snap, world.pending_free_snapshot())
 
 
 def test_a_refund_in_the_new_year_resplits_against_the_original_year(world):
