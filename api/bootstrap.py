@@ -71,8 +71,12 @@ def load_policies(names_or_paths: str) -> PolicyShelf:
         books = []
         for item in names_or_paths.split(","):
             item = item.strip()
+            if not item:
+                raise PolicyError(f"{names_or_paths!r}: an empty name in the list (names and paths, comma-separated)")
             if item.endswith(".toml") and Path(item).exists():
                 books.append(load_policy_book(item))
+            elif "/" in item or "\\" in item:
+                raise PolicyError(f"{item}: no such policy file")
             else:
                 books.append(load_builtin(item))
         return PolicyShelf(books)

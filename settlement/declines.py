@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import Connection, Engine, select
 
 from ledger.db import HookRefused, is_unique_violation
-from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected
+from ledger.errors import Conflict, DomainError, Invalid, NotFound, Rejected, Unavailable
 from ledger.store import InsertRows, Ledger
 from settlement.schema import card_declines
 
@@ -56,6 +56,45 @@ def record(ledger: Ledger, *, org_code: str, msgid: str, request_hash: str, auth
         log.warning("card %s: the refusal of %s/%s could not be recorded", auth.pan, org_code, msgid, exc_info=True)
         return FAILED
     return RECORDED
+
+
+def settle_refusal(cards, ledger: Ledger, *, org_code: str, msgid: str, request_hash: str, auth,
+                   refusal: DomainError, now_us: int, copy_answer: Callable[[], dict | None]) -> dict:
+    """A request that card authorisation ``auth`` paid for was refused (``refusal``): spend
+    the counter (``cards``: a :class:`card.service.CardService`) with the refusal recorded, so
+    that the same message sent again answers the same, and raise ``refusal``. When a copy of
+    the request used the counter first, return its answer (``copy_answer()``: its result, or
+    None; it raises the copy's recorded refusal). When the refusal could not be recorded (the
+    database failing), raise Unavailable ``database_unavailable`` instead — not the refusal: a
+    terminal takes a 402 as final, and with nothing recorded the same message could pay later
+    — with the counter left unspent and a QR code given back, so that the same request sent
+    again is decided, and its answer kept, anew."""
+    recorded = record(ledger, org_code=org_code, msgid=msgid, request_hash=request_hash, auth=auth,
+                      refusal=refusal, now_us=now_us, hooks=(cards.counter_hook(auth),))
+    if recorded == COUNTER_USED:
+        answer = copy_answer()
+        if answer is not None:
+            return answer
+    elif recorded == FAILED:
+        cards.unclaim(auth)
+        raise Unavailable("database_unavailable", f"the request was refused ({refusal.code}) but the refusal "
+                          "could not be recorded; send the same request again") from refusal
+    raise refusal
+
+
+def refuse_if_blocked(cards, ledger: Ledger, *, org_code: str, msgid: str, request_hash: str, auth,
+                      now_us: int) -> None:
+    """After card authorisation ``auth`` paid for the request and its counter was refused in
+    the posting transaction: raise Rejected ``card_blocked`` when the card (``cards``, a
+    :class:`card.service.CardService`) was blocked meanwhile, recorded as this message's refusal
+    (:func:`record`), so that the same message sent again — after the card is unblocked, say —
+    answers the same and never pays. Returns when the card is active."""
+    try:
+        cards.active_card(auth.pan)
+    except Rejected as blocked:
+        record(ledger, org_code=org_code, msgid=msgid, request_hash=request_hash, auth=auth, refusal=blocked,
+               now_us=now_us)
+        raise
 
 
 def find(conn: Connection, org_code: str, msgid: str):

@@ -62,6 +62,8 @@ Pure: no clock, no network; the only I/O is reading a policy file.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -375,6 +377,9 @@ class PolicyBook:
     policies: Mapping[PolicyKey, Policy] = field(repr=False)
     #: the last insurance year the book covers (``[book] last_year``; its ``year`` when absent)
     last_year: int | None = None
+    #: which text of the book this is: SHA-256 of the file, 16 hex digits (a corrected book
+    #: of the same year has another); settlements record it, and refunds compare it
+    digest: str = ""
 
     def covers(self, year: int) -> bool:
         """Whether the book holds the policy of insurance year ``year``."""
@@ -453,9 +458,10 @@ def parse_policy_book(text: str, origin: str) -> PolicyBook:
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{origin}: not valid TOML: {exc}") from None
     try:
-        return _parse_book(doc, origin)
+        book = _parse_book(doc, origin)
     except PolicyError as exc:
         raise PolicyError(f"{origin}: {exc}") from None
+    return dataclasses.replace(book, digest=hashlib.sha256(text.encode()).hexdigest()[:16])
 
 
 def _parse_book(doc: dict[str, Any], origin: str) -> PolicyBook:

@@ -246,6 +246,9 @@ ADMISSION_CLOSED = "admission_already_settled"
 #: the ledger entry metadata of an admission's final settlement (and of its refunds' re-splits):
 #: which admission of the insurance year it closed, 1 for the first
 ADMISSION_NO = "admission_no"
+#: the ledger entry metadata of a settlement (and of a refund's re-split): the digest of the
+#: policy book that split it (:attr:`settlement.policy.PolicyBook.digest`)
+POLICY_DIGEST = "policy"
 
 
 def admission_closed(mdtrt_id: str, what: str = "settle more charges") -> Conflict:
@@ -658,24 +661,19 @@ class SettlementService:
             if auth is None or auth not in unspent:
                 raise  # nothing authorised, or the counter was never this request's to spend
             # The card authorised it, then it was refused: spend the counter with the refusal
-            # recorded, so that a resend answers the same.
+            # recorded, so that a resend answers the same — or answer with a copy of this
+            # request that used the counter first (its settlement, or its own refusal).
             unspent.remove(auth)
-            hooks = (self.cards.counter_hook(auth),)
-            recorded = declines.record(self.ledger, org_code=ctx.org_code, msgid=visit.msgid,
-                                       request_hash=visit.request_hash, auth=auth, refusal=exc,
-                                       now_us=self.clock_us(), hooks=hooks)
-            if recorded == declines.COUNTER_USED:
-                # A copy of this request used the counter first, committing its answer with it
-                # (its settlement, or its own recorded refusal): that answer is this one's.
+
+            def copy_answer() -> dict | None:
                 declined = self._declined(ctx, visit)
                 if declined is not None:
                     raise declined from None
-                replay = self._replay_or_conflict(ctx, visit)
-                if replay is not None:
-                    return replay
-            elif recorded == declines.FAILED:
-                self.cards.consume(auth)  # spent on its own, as before declines were recorded
-            raise
+                return self._replay_or_conflict(ctx, visit)
+
+            return declines.settle_refusal(self.cards, self.ledger, org_code=ctx.org_code, msgid=visit.msgid,
+                                           request_hash=visit.request_hash, auth=auth, refusal=exc,
+                                           now_us=self.clock_us(), copy_answer=copy_answer)
         except Exception:
             # Any other error (the database unavailable, 503) leaves the counter unspent and
             # gives a QR code back: nothing was posted with them, so this very request sent
@@ -784,8 +782,10 @@ class SettlementService:
             entry = EntrySpec(
                 key=entry_key, kind="settlement",
                 transfers=tuple(TransferSpec(f"{entry_key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
-                metadata=({"setl_id": setl_id, "legs_from": 0, ADMISSION_NO: state.admissions_ytd + 1}
-                          if policy.is_inpatient and not visit.interim else {"setl_id": setl_id, "legs_from": 0}),
+                metadata=({"setl_id": setl_id, "legs_from": 0, ADMISSION_NO: state.admissions_ytd + 1,
+                           POLICY_DIGEST: self.policies.book_for(year).digest}
+                          if policy.is_inpatient and not visit.interim else
+                          {"setl_id": setl_id, "legs_from": 0, POLICY_DIGEST: self.policies.book_for(year).digest}),
                 assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
             hook = (DayOpen(business_date), InsertRows(settlements, [row]))
             try:
@@ -809,7 +809,8 @@ class SettlementService:
                     declined = self._declined(ctx, visit)  # a copy of this request was refused meanwhile
                     if declined is not None:
                         raise declined from None
-                    self.cards.active_card(auth.pan)  # Rejected card_blocked when that is why
+                    declines.refuse_if_blocked(self.cards, self.ledger, org_code=ctx.org_code, msgid=visit.msgid,
+                                               request_hash=visit.request_hash, auth=auth, now_us=self.clock_us())
                 raise Rejected("atc_replayed", f"card {auth.pan}: ATC {auth.atc} was already used") from None
             if outcome.ok:
                 unspent.clear()  # accepted with the payment (or by the original this replays)
@@ -989,6 +990,8 @@ class SettlementService:
     def query_by_msgid(self, ctx: TerminalContext, msgid: str) -> dict:
         """NHSA 5203-style query by the terminal's message id: the settlement (or cancellation)
         that message produced. Raises NotFound when that message never settled anything."""
+        if RESERVED_CHAR in msgid:  # an id the engine derived for its own rows, not a terminal's message
+            raise NotFound("settlement_not_found", f"no settlement for msgid {msgid}")
         with self.engine.connect() as conn:
             row = self._existing(conn, fixmedins_code=ctx.org_code, msgid=msgid)
             declined = declines.find(conn, ctx.org_code, msgid) if row is None else None
@@ -1069,6 +1072,24 @@ class SettlementService:
             return _cancellation_document(self._document_from(row, replayed=False))
 
         return book_on_open_day(self.days, book)
+
+    def _same_policy_book(self, orig) -> str:
+        """The digest of the policy book of ``orig``'s insurance year, as loaded now. Raises
+        Conflict ``policy_changed`` when ``orig`` was split by another text of that year's
+        book (it was corrected and reloaded since): a partial refund re-splits the remaining
+        lines and takes the difference, which is only the refund when both splits follow the
+        same rules — with other ratios or deductibles the fund or the patient would be paid a
+        difference of rules, not of lines. The clinic cancels (exact, whatever the book) and
+        settles the remaining lines anew. A settlement recorded before digests were (or that
+        posted no entry) is not checked."""
+        book = self.policies.book_for(orig.insu_year)
+        entry = self.ledger.entry(orig.entry_key)
+        split_by = entry.metadata.get(POLICY_DIGEST) if entry is not None else None
+        if split_by is not None and split_by != book.digest:
+            raise Conflict("policy_changed", f"settlement {orig.setl_id} was split by another text of the "
+                           f"{orig.insu_year} policy book than the {book.origin} loaded now ({split_by} -> "
+                           f"{book.digest}): cancel it and settle the remaining lines anew")
+        return book.digest
 
     def _admission_ordinal(self, orig, names: dict[str, str]) -> int:
         """Which admission of the insurance year the final settlement ``orig`` closed (1 for the
@@ -1174,12 +1195,15 @@ class SettlementService:
                           field="returns")
         if not remaining:
             return self.cancel(ctx, setl_id, {"msgid": msgid})
-        request_hash = fingerprint({"refund": setl_id, "returns": units})
+        # the units as numbers: "1", 1 and "1.0" are the same request
+        request_hash = fingerprint({"refund": setl_id,
+                                    "returns": {sn: format(Decimal(str(n)).normalize(), "f") for sn, n in units.items()}})
         done = self._find_reversal(orig, msgid, request_hash)
         if done is not None:
             return done
         citizen = self.cards.citizen(orig.psn_no)
         policy = self._policy(ctx, citizen, orig.med_type, orig.insu_year)
+        digest = self._same_policy_book(orig)
         info0 = json.loads(orig.setlinfo)
         names = self._accounts_for(citizen, orig.insu_year, orig.mdtrt_id, policy)
         payable = chart.clinic_payable(ctx.org_code)
@@ -1223,14 +1247,17 @@ class SettlementService:
             reverse = [(c, d, a) for d, c, a in old_legs]
             transfers = tuple(TransferSpec(f"{key}/{i}", d, c, a) for i, (d, c, a) in enumerate(reverse + new_legs))
             cancel_row = dict(orig._asdict())
-            cancel_row.update(setl_id=derived_id("C", key), msgid=f"{msgid[:ID_CHARS_MAX - 2]}~C",
+            # the cancellation half of a refund: an engine-derived msgid, unique per refund
+            # (one undoing per settlement) and unlike any terminal's (they cannot hold '~')
+            cancel_row.update(setl_id=derived_id("C", key), msgid=RESERVED_CHAR + derived_id("C", key),
                               terminal_id=ctx.terminal_id, kind="cancellation", original_setl_id=setl_id,
                               entry_key=key + "~c", business_date=business_date, created_ts=self.clock_us(),
                               request_hash=visit.request_hash)
             new_row = self._row(ctx, visit, new_id, key, business_date, orig.insu_year, info, result,
                                 orig.pay_method, orig.pan, wallet_pay, kind="settlement", original=setl_id,
                                 insutype=citizen.insutype)
-            metadata = {"setl_id": new_id, "legs_from": len(reverse), "undoes": orig.entry_key}
+            metadata = {"setl_id": new_id, "legs_from": len(reverse), "undoes": orig.entry_key,
+                        POLICY_DIGEST: digest}
             if ordinal:
                 metadata[ADMISSION_NO] = ordinal  # the re-split closes the same admission of the year
             entry = EntrySpec(key=key, kind="refund", transfers=transfers, metadata=metadata,

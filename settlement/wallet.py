@@ -180,19 +180,14 @@ class WalletService:
                 replay = self._copy_answer(ctx, msgid, request_hash, wait=wait)
                 if replay is not None:
                     return replay
-                self.cards.active_card(auth.pan)  # Rejected card_blocked when that is why
+                declines.refuse_if_blocked(self.cards, self.accounts.ledger, org_code=ctx.org_code, msgid=msgid,
+                                           request_hash=request_hash, auth=auth, now_us=self.clock_us())
             raise Rejected("atc_replayed", f"card {auth.pan}: ATC {auth.atc} was already used") from None
         except DomainError as exc:  # refused after the card authorised it: spent with the refusal
-            recorded = declines.record(self.accounts.ledger, org_code=ctx.org_code, msgid=msgid,
-                                       request_hash=request_hash, auth=auth, refusal=exc, now_us=self.clock_us(),
-                                       hooks=(self.cards.counter_hook(auth),))
-            if recorded == declines.COUNTER_USED:  # a copy of this request used it first: its answer
-                replay = self._copy_answer(ctx, msgid, request_hash, wait=False)
-                if replay is not None:
-                    return replay
-            elif recorded == declines.FAILED:
-                self.cards.consume(auth)  # spent on its own, as before declines were recorded
-            raise
+            return declines.settle_refusal(
+                self.cards, self.accounts.ledger, org_code=ctx.org_code, msgid=msgid, request_hash=request_hash,
+                auth=auth, refusal=exc, now_us=self.clock_us(),
+                copy_answer=lambda: self._copy_answer(ctx, msgid, request_hash, wait=False))
         except Exception:
             # Any other error (the database unavailable, 503) leaves the counter unspent and
             # gives a QR code back: nothing was posted with them, so this very request sent

@@ -258,7 +258,9 @@ def test_the_engine_loads_books_named_by_commas_and_refuses_a_bad_list(tmp_path)
     assert [b.name for b in shelf] == [a.name, "test-policy-P"]
     assert shelf.book_for(2099).name == "test-policy-P"
     for bad, fragment in ((f"{tmp_path / 'y2025.toml'},{tmp_path / 'y2025.toml'}", "both cover insurance year 2025"),
-                          ("test-policy-P,nope", "no built-in policy book 'nope'")):
+                          ("test-policy-P,nope", "no built-in policy book 'nope'"),
+                          ("test-policy-P,", "'test-policy-P,': an empty name in the list"),
+                          (f"{tmp_path / 'missing.toml'}", f"{tmp_path / 'missing.toml'}: no such policy file")):
         with pytest.raises(Invalid) as info:
             load_policies(bad)
         assert info.value.code == "policy_invalid" and fragment in info.value.detail

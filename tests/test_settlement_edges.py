@@ -519,17 +519,26 @@ def test_a_card_blocked_after_its_cryptogram_was_checked_pays_nothing(world, mon
         app = VirtualCardApp(issuer_mk=world.c.keys.issuer_mk, pan=p.pan, psn="01", atc=900)
         return {"method": "qr", "payload": app.make_qr(world.clock() // 1_000_000, random.Random(3))}
 
+    if where == "merchant":
+        req = {"msgid": f"P{world.next():012d}", "amount_fen": 300, "payment": payment(300, MERCHANT)}
+        send = partial(world.c.wallet.pay, MERCHANT)
+    else:
+        req = world.visit(p, world.bill(("C", "45.80", "1")), method=method)
+        req["payment"] = payment(4_580, CLINIC)
+        send = partial(world.svc.settle, CLINIC)
     snap = world.pending_free_snapshot()
     monkeypatch.setattr(cards, "authorise", authorise_then_blocked)
     with pytest.raises(Rejected) as exc:
-        if where == "merchant":
-            world.c.wallet.pay(MERCHANT, {"msgid": f"P{world.next():012d}", "amount_fen": 300,
-                                          "payment": payment(300, MERCHANT)})
-        else:
-            v = world.visit(p, world.bill(("C", "45.80", "1")), method=method)
-            v["payment"] = payment(4_580, CLINIC)
-            world.svc.settle(CLINIC, v)
+        send(dict(req))
     assert exc.value.code == "card_blocked"
+    assert nothing_moved(snap, world.pending_free_snapshot())
+    # The refusal is this message's answer, kept: sent again once the card is unblocked, the
+    # same message is refused the same way and never pays (reviewer, session 6).
+    monkeypatch.undo()
+    cards.set_status(p.pan, "active")
+    with pytest.raises(Rejected) as again:
+        send(dict(req))
+    assert again.value.code == "card_blocked"
     assert nothing_moved(snap, world.pending_free_snapshot())
     with world.c.engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(payments)) == 0
@@ -636,6 +645,9 @@ def test_a_refund_or_cancellation_sent_again_answers_exactly_its_first_answer(wo
     assert first["refund"]["medfee_sumamt"] == 12_000 and sum(first["refund"].values()) > 0
     again = world.svc.refund(CLINIC, a["setl_id"], {"msgid": msgid, "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
     assert again == dict(first, replayed=True)
+    for same in (1, "1.0", "1.00"):  # the same number of units, written otherwise: the same request
+        assert world.svc.refund(CLINIC, a["setl_id"], {"msgid": msgid, "returns": [
+            {"feedetl_sn": "1", "cnt": same}]}) == again
     assert world.svc.query_by_msgid(CLINIC, msgid) == again
     assert world.svc.get(CLINIC, first["setl_id"]) == again
     snap = world.pending_free_snapshot()
@@ -654,3 +666,67 @@ def test_a_refund_or_cancellation_sent_again_answers_exactly_its_first_answer(wo
     assert cancelled["status"] == "cancellation" and cancelled["replayed"] is False
     assert world.svc.cancel(CLINIC, b["setl_id"], {"msgid": cancel_msgid}) == dict(cancelled, replayed=True)
     assert world.svc.query_by_msgid(CLINIC, cancel_msgid) == dict(cancelled, replayed=True)
+
+
+
+@pytest.mark.parametrize("where", ["merchant", "clinic"])
+def test_a_refusal_that_could_not_be_recorded_is_answered_503_and_decided_again(world, monkeypatch, where):
+    """The card authorised the payment, the wallet cannot pay it, and the database fails while
+    the refusal is being recorded: the answer is 503 ``database_unavailable`` (the outcome is
+    not kept), never the 402 a terminal takes as final while the same message could still pay
+    later; the same message sent again is refused and its refusal kept (reviewer, session 6)."""
+    import psycopg
+
+    from ledger.errors import Unavailable
+
+    p = world.add_person(personal_fen=0, wallet_fen=1_000)
+    ledger = world.c.ledger
+    real_run_hooks = ledger.run_hooks
+
+    def fails(*_args, **_kwargs):
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    if where == "merchant":
+        req = {"msgid": f"P{world.next():012d}", "amount_fen": 5_000, "payment": world.card_payment(p, 5_000, MERCHANT)}
+        send = partial(world.c.wallet.pay, MERCHANT)
+    else:
+        req = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
+        req["payment"] = world.card_payment(p, 4_580, CLINIC)
+        send = partial(world.svc.settle, CLINIC)
+    snap = world.pending_free_snapshot()
+    monkeypatch.setattr(ledger, "run_hooks", fails)
+    with pytest.raises(Unavailable) as first:
+        send(dict(req))
+    assert (first.value.code, first.value.status) == ("database_unavailable", 503)
+    assert "insufficient_funds" in first.value.detail
+    monkeypatch.setattr(ledger, "run_hooks", real_run_hooks)
+    for _ in range(2):  # decided again, then answered from the kept refusal
+        with pytest.raises(Rejected) as again:
+            send(dict(req))
+        assert (again.value.code, again.value.status) == ("insufficient_funds", 402)
+    assert nothing_moved(snap, world.pending_free_snapshot())
+
+
+def test_refunds_under_msgids_alike_but_for_their_last_characters_both_refund(world):
+    """A refund's cancellation half carries an engine-derived msgid, unique per refund: two
+    40-character msgids that share their first 38 characters are two refunds (before, both
+    cancellation halves were named by the first 38 characters + "~C" and the second refund was
+    refused ``msgid_reused``); such an internal msgid is no terminal's, and the query by msgid
+    does not find it (reviewer, session 6)."""
+    p = world.add_person(personal_fen=20_000)
+    docs = [world.settle(p, world.bill(("A", "20.00", "3"))) for _ in range(2)]
+    firsts = []
+    for doc, tail in zip(docs, ("AA", "BB")):
+        msgid = "X" * 38 + tail
+        refund = world.svc.refund(CLINIC, doc["setl_id"], {"msgid": msgid, "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+        assert refund["msgid"] == msgid and refund["replayed"] is False and refund["refund"]["medfee_sumamt"] == 2_000
+        firsts.append(refund)
+    with world.c.engine.connect() as conn:
+        from sqlalchemy import select
+
+        from settlement.schema import settlements
+        internal = conn.execute(select(settlements.c.msgid).where(settlements.c.kind == "cancellation")).scalars().all()
+    assert len(internal) == 2 and all(m.startswith("~") for m in internal)
+    for m in internal:
+        with pytest.raises(NotFound):
+            world.svc.query_by_msgid(CLINIC, m)

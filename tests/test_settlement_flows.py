@@ -575,7 +575,9 @@ def test_a_card_cryptogram_replayed_for_another_visit_is_refused(world, monkeypa
 
 def test_a_card_blocked_while_its_payment_is_in_flight_pays_nothing(world, monkeypatch):
     """The card was active when read; it is blocked before the payment commits: the counter's
-    compare-and-set in the payment's own transaction refuses it, and nothing moves."""
+    compare-and-set in the payment's own transaction refuses it, and nothing moves. The refusal
+    is kept as the message's answer: the query by msgid gives it (as for any refusal after
+    the card authorised)."""
     import settlement.service
 
     monkeypatch.setattr(settlement.service, "DUPLICATE_WAIT_S", 0.1)
@@ -594,8 +596,9 @@ def test_a_card_blocked_while_its_payment_is_in_flight_pays_nothing(world, monke
         world.svc.settle(CLINIC, v)
     assert exc.value.code == "card_blocked"
     assert nothing_moved(snap, world.pending_free_snapshot())
-    with pytest.raises(NotFound):
+    with pytest.raises(Rejected) as queried:
         world.svc.query_by_msgid(CLINIC, v["msgid"])
+    assert queried.value.code == "card_blocked"
 
 
 def test_query_by_msgid_resolves_a_lost_answer(world):
@@ -1100,3 +1103,37 @@ def test_a_contended_card_settlement_says_to_present_the_card_again(world, monke
     assert nothing_moved(snap, world.pending_free_snapshot())
     monkeypatch.setattr(world.svc, "submit", submit)
     assert world.svc.settle(CLINIC, world.last_visit)["replayed"] is False  # the retry settles
+
+
+def test_a_partial_refund_is_refused_when_the_years_book_was_corrected_since(db_url, tmp_path):
+    """A settlement split by one text of 2026's book, and the book corrected and reloaded
+    (fund ratio 0.70 -> 0.95, no deductible): a partial refund would re-split the remaining
+    lines by the new rules and hand the difference of rules back (the reviewer saw the
+    patient get 840.00 back for 400.00 of goods); it is refused ``policy_changed``, nothing
+    moves, and the cancellation — exact whatever the book — still works. With the same text
+    reloaded, refunds go on."""
+    text = (Path(__file__).parents[1] / "settlement" / "policies" / "test-policy-P.toml").read_text()
+    book = tmp_path / "p2026.toml"
+    book.write_text(text)
+    with make_world(db_url, tmp_path, policy=str(book)) as world:
+        p = world.add_person(personal_fen=0)
+        first = world.settle(p, world.bill(("A", "400.00", "4")))
+        second = world.settle(p, world.bill(("A", "100.00", "2")))
+        third = world.settle(p, world.bill(("A", "50.00", "1")))
+    assert 'fund_ratio = "0.70"' in text and "deductible_per_year_fen = 60000 " in text
+    book.write_text(text.replace('fund_ratio = "0.70"', 'fund_ratio = "0.95"').replace(
+        "deductible_per_year_fen = 60000 ", "deductible_per_year_fen = 0 "))
+    with make_world(db_url, tmp_path, policy=str(book)) as world:
+        snap = world.pending_free_snapshot()
+        with pytest.raises(Conflict) as exc:
+            world.svc.refund(CLINIC, first["setl_id"], {"msgid": "REFUND-AFTER-CORRECTION",
+                                                        "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+        assert exc.value.code == "policy_changed" and "p2026.toml" in exc.value.detail
+        assert nothing_moved(snap, world.pending_free_snapshot())
+        cancelled = world.svc.cancel(CLINIC, third["setl_id"], {"msgid": "CANCEL-AFTER-CORRECTION"})
+        assert cancelled["status"] == "cancellation"
+    book.write_text(text)  # the same text as when it was split: refunds go on
+    with make_world(db_url, tmp_path, policy=str(book)) as world:
+        refund = world.svc.refund(CLINIC, second["setl_id"], {"msgid": "REFUND-SAME-BOOK",
+                                                              "returns": [{"feedetl_sn": "1", "cnt": "1"}]})
+        assert refund["refund"]["medfee_sumamt"] == 10_000
