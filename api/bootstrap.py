@@ -76,7 +76,7 @@ def load_policies(names_or_paths: str) -> PolicyShelf:
             if item.endswith(".toml") and Path(item).exists():
                 books.append(load_policy_book(item))
             elif "/" in item or "\\" in item:
-                raise PolicyError(f"{item}: no such policy file")
+                raise PolicyError(f"{item}: no such policy file (a policy book is a .toml file)")
             else:
                 books.append(load_builtin(item))
         return PolicyShelf(books)

@@ -262,6 +262,12 @@ class CardService:
         (see :class:`AdvanceCounter`)."""
         return AdvanceCounter(auth.pan, auth.atc)
 
+    @staticmethod
+    def refusal_counter_hook(auth: Authorisation) -> "SpendCounter":
+        """The ledger hook that uses up ``auth``'s ATC in the transaction that records the
+        refusal of its payment, whatever the card's status (see :class:`SpendCounter`)."""
+        return SpendCounter(auth.pan, auth.atc)
+
     def consume(self, auth: Authorisation) -> None:
         """Accept ``auth``'s ATC on its own (a payment authorised with ``consume=False`` that
         posted nothing: declined for funds, say — the counter is spent as on a real card). A
@@ -369,3 +375,42 @@ SELECT CASE WHEN (SELECT count(*) FROM u) = cardinality($1) THEN 0
                 raise HookRefused(f"card {h.pan}: ATC {h.atc} already used")
 
 
+
+
+class SpendCounter(AdvanceCounter):
+    """A ledger hook using up card ``pan``'s ATC ``atc`` in the transaction that records the
+    refusal of the payment it authorised: the compare-and-set of :class:`AdvanceCounter`
+    (``last_atc < atc``) without its check that the card is active — a payment refused because
+    the card was blocked meanwhile uses up its cryptogram too (EMV: the card counted it), so the
+    cryptogram cannot pay under another message once the card is unblocked. Refuses
+    (:class:`ledger.db.HookRefused`) when the counter was used already."""
+
+    __slots__ = ()
+    merge_key = "cards_spent"
+    pg_prepared = {"card_spend_atcs_v1": f"""
+PREPARE card_spend_atcs_v1 (text[], int[]) AS
+WITH u AS (
+    UPDATE cards c SET last_atc = x.atc
+    FROM unnest($1, $2) AS x(pan, atc)
+    WHERE c.pan = x.pan AND c.pan = ANY($1) AND (c.last_atc IS NULL OR c.last_atc < x.atc)
+    RETURNING 1
+)
+SELECT CASE WHEN (SELECT count(*) FROM u) = cardinality($1) THEN 0
+            ELSE CAST('{HOOK_REFUSED}card counter already used; accepted ' || (SELECT count(*) FROM u) AS int)
+       END
+"""}
+
+    @classmethod
+    def pg_sql(cls, hooks: list) -> str:
+        from ledger.store_pg import int_array, text_array
+
+        return f"EXECUTE card_spend_atcs_v1({text_array([h.pan for h in hooks])}, {int_array([h.atc for h in hooks])}); "
+
+    @classmethod
+    def run_sa(cls, conn, hooks: list) -> None:
+        for h in hooks:
+            done = conn.execute(update(cards).where(cards.c.pan == h.pan,
+                                                    (cards.c.last_atc.is_(None)) | (cards.c.last_atc < h.atc))
+                                .values(last_atc=h.atc)).rowcount
+            if done != 1:
+                raise HookRefused(f"card {h.pan}: ATC {h.atc} already used")

@@ -60,22 +60,27 @@ def record(ledger: Ledger, *, org_code: str, msgid: str, request_hash: str, auth
 
 def settle_refusal(cards, ledger: Ledger, *, org_code: str, msgid: str, request_hash: str, auth,
                    refusal: DomainError, now_us: int, copy_answer: Callable[[], dict | None]) -> dict:
-    """A request that card authorisation ``auth`` paid for was refused (``refusal``): spend
-    the counter (``cards``: a :class:`card.service.CardService`) with the refusal recorded, so
-    that the same message sent again answers the same, and raise ``refusal``. When a copy of
-    the request used the counter first, return its answer (``copy_answer()``: its result, or
-    None; it raises the copy's recorded refusal). When the refusal could not be recorded (the
-    database failing), raise Unavailable ``database_unavailable`` instead — not the refusal: a
-    terminal takes a 402 as final, and with nothing recorded the same message could pay later
-    — with the counter left unspent and a QR code given back, so that the same request sent
-    again is decided, and its answer kept, anew."""
-    recorded = record(ledger, org_code=org_code, msgid=msgid, request_hash=request_hash, auth=auth,
-                      refusal=refusal, now_us=now_us, hooks=(cards.counter_hook(auth),))
+    """A request that card authorisation ``auth`` paid for was refused (``refusal``): record
+    the refusal, using up the counter with it (``cards``: a :class:`card.service.CardService`;
+    whatever the card's status), so that the same message sent again answers the same and the
+    cryptogram pays nothing later, and raise ``refusal``.
+
+    When the counter was used already: by a copy of this request, whose answer is returned
+    (``copy_answer()``: its result, or None; it raises the copy's recorded refusal), else by
+    another request with the same cryptogram — the refusal is then recorded alone. When the
+    refusal could not be recorded (the database failing), raise Unavailable
+    ``database_unavailable`` instead — not the refusal: a terminal takes a refusal as final,
+    and with nothing recorded the same message could pay later — with the counter left unspent
+    and a QR code given back, so that the same request sent again is decided, and its answer
+    kept, anew."""
+    keep = dict(org_code=org_code, msgid=msgid, request_hash=request_hash, auth=auth, refusal=refusal, now_us=now_us)
+    recorded = record(ledger, **keep, hooks=(cards.refusal_counter_hook(auth),))
     if recorded == COUNTER_USED:
         answer = copy_answer()
         if answer is not None:
             return answer
-    elif recorded == FAILED:
+        recorded = record(ledger, **keep)
+    if recorded == FAILED:
         cards.unclaim(auth)
         raise Unavailable("database_unavailable", f"the request was refused ({refusal.code}) but the refusal "
                           "could not be recorded; send the same request again") from refusal
@@ -85,15 +90,16 @@ def settle_refusal(cards, ledger: Ledger, *, org_code: str, msgid: str, request_
 def refuse_if_blocked(cards, ledger: Ledger, *, org_code: str, msgid: str, request_hash: str, auth,
                       now_us: int) -> None:
     """After card authorisation ``auth`` paid for the request and its counter was refused in
-    the posting transaction: raise Rejected ``card_blocked`` when the card (``cards``, a
-    :class:`card.service.CardService`) was blocked meanwhile, recorded as this message's refusal
-    (:func:`record`), so that the same message sent again — after the card is unblocked, say —
-    answers the same and never pays. Returns when the card is active."""
+    the posting transaction (and no copy of the request answered it): when the card (``cards``,
+    a :class:`card.service.CardService`) was blocked meanwhile, raise Rejected ``card_blocked``
+    kept as this message's refusal with the counter used up (:func:`settle_refusal`), so that
+    neither the same message sent again — after the card is unblocked, say — nor the same
+    cryptogram under another message ever pays. Returns when the card is active."""
     try:
         cards.active_card(auth.pan)
     except Rejected as blocked:
-        record(ledger, org_code=org_code, msgid=msgid, request_hash=request_hash, auth=auth, refusal=blocked,
-               now_us=now_us)
+        settle_refusal(cards, ledger, org_code=org_code, msgid=msgid, request_hash=request_hash, auth=auth,
+                       refusal=blocked, now_us=now_us, copy_answer=lambda: None)
         raise
 
 

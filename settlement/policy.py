@@ -461,7 +461,9 @@ def parse_policy_book(text: str, origin: str) -> PolicyBook:
         book = _parse_book(doc, origin)
     except PolicyError as exc:
         raise PolicyError(f"{origin}: {exc}") from None
-    return dataclasses.replace(book, digest=hashlib.sha256(text.encode()).hexdigest()[:16])
+    # the text's digest, line endings aside (a copy saved with CRLF is the same book)
+    normalised = text.replace("\r\n", "\n").encode()
+    return dataclasses.replace(book, digest=hashlib.sha256(normalised).hexdigest()[:16])
 
 
 def _parse_book(doc: dict[str, Any], origin: str) -> PolicyBook:

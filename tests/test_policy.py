@@ -260,7 +260,17 @@ def test_the_engine_loads_books_named_by_commas_and_refuses_a_bad_list(tmp_path)
     for bad, fragment in ((f"{tmp_path / 'y2025.toml'},{tmp_path / 'y2025.toml'}", "both cover insurance year 2025"),
                           ("test-policy-P,nope", "no built-in policy book 'nope'"),
                           ("test-policy-P,", "'test-policy-P,': an empty name in the list"),
-                          (f"{tmp_path / 'missing.toml'}", f"{tmp_path / 'missing.toml'}: no such policy file")):
+                          (f"{tmp_path / 'missing.toml'}", f"{tmp_path / 'missing.toml'}: no such policy file (a policy book is a .toml file)")):
         with pytest.raises(Invalid) as info:
             load_policies(bad)
         assert info.value.code == "policy_invalid" and fragment in info.value.detail
+
+
+def test_a_books_digest_names_its_text_line_endings_aside(tmp_path):
+    from settlement.policy import parse_policy_book
+
+    lf = parse_policy_book(GOOD, "a.toml")
+    assert len(lf.digest) == 16
+    assert parse_policy_book(GOOD.replace("\n", "\r\n"), "b.toml").digest == lf.digest
+    assert parse_policy_book(GOOD.replace("annual_cap_fen = 1000000", "annual_cap_fen = 1000001"), "c.toml").digest \
+        != lf.digest

@@ -539,6 +539,14 @@ def test_a_card_blocked_after_its_cryptogram_was_checked_pays_nothing(world, mon
     with pytest.raises(Rejected) as again:
         send(dict(req))
     assert again.value.code == "card_blocked"
+    # ... and its cryptogram was used up with the refusal: under another message it pays nothing
+    if where == "merchant":
+        other = dict(req, msgid=f"P{world.next():012d}")
+    else:
+        other = dict(world.visit(p, world.bill(("C", "45.80", "1")), method=method), payment=req["payment"])
+    with pytest.raises(Rejected) as replayed:
+        send(other)
+    assert replayed.value.code == "atc_replayed"
     assert nothing_moved(snap, world.pending_free_snapshot())
     with world.c.engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(payments)) == 0
@@ -730,3 +738,78 @@ def test_refunds_under_msgids_alike_but_for_their_last_characters_both_refund(wo
     for m in internal:
         with pytest.raises(NotFound):
             world.svc.query_by_msgid(CLINIC, m)
+
+
+
+@pytest.mark.parametrize("where", ["merchant", "clinic"])
+def test_a_card_blocked_while_its_refusal_is_recorded_keeps_the_refusal(world, monkeypatch, where):
+    """The wallet cannot pay and the card is blocked between the refused posting and the
+    recording of the refusal: the refusal is still kept with the counter used up (whatever the
+    card's status), so once the card is unblocked and the wallet recharged the same message
+    is refused the same and never pays (third review, session 6: it paid)."""
+    p = world.add_person(personal_fen=0, wallet_fen=1_000)
+    service = world.c.wallet if where == "merchant" else world.svc
+    real_submit = service.submit
+
+    def submit_then_block(*args, **kwargs):
+        outcome = real_submit(*args, **kwargs)
+        world.c.cards.set_status(p.pan, "blocked")
+        return outcome
+
+    if where == "merchant":
+        req = {"msgid": f"P{world.next():012d}", "amount_fen": 4_580, "payment": world.card_payment(p, 4_580, MERCHANT)}
+        send = partial(world.c.wallet.pay, MERCHANT)
+    else:
+        req = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
+        req["payment"] = world.card_payment(p, 4_580, CLINIC)
+        send = partial(world.svc.settle, CLINIC)
+    monkeypatch.setattr(service, "submit", submit_then_block)
+    with pytest.raises(Rejected) as first:
+        send(dict(req))
+    assert (first.value.code, first.value.status) == ("insufficient_funds", 402)
+    monkeypatch.undo()
+    world.c.cards.set_status(p.pan, "active")
+    world.recharge(p, 10_000)  # the wallet could pay now: the kept refusal still answers
+    snap = world.pending_free_snapshot()
+    with pytest.raises(Rejected) as again:
+        send(dict(req))
+    assert (again.value.code, again.value.status) == ("insufficient_funds", 402)
+    assert nothing_moved(snap, world.pending_free_snapshot())
+
+
+@pytest.mark.parametrize("where", ["merchant", "clinic"])
+def test_a_blocked_cards_refusal_that_could_not_be_recorded_is_answered_503(world, monkeypatch, where):
+    """The card is blocked while its payment is in flight and the refusal cannot be recorded
+    (the database failing): 503 ``database_unavailable``, not a final ``card_blocked`` that
+    the same message could contradict later (third review, session 6)."""
+    import psycopg
+
+    from ledger.errors import Unavailable
+
+    p = world.add_person(personal_fen=0, wallet_fen=100_000)
+    cards, ledger = world.c.cards, world.c.ledger
+    real_authorise = cards.authorise
+
+    def authorise_then_blocked(*args, **kwargs):
+        auth = real_authorise(*args, **kwargs)
+        cards.set_status(p.pan, "blocked")
+        return auth
+
+    def fails(*_args, **_kwargs):
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    if where == "merchant":
+        req = {"msgid": f"P{world.next():012d}", "amount_fen": 300, "payment": world.card_payment(p, 300, MERCHANT)}
+        send = partial(world.c.wallet.pay, MERCHANT)
+    else:
+        req = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
+        req["payment"] = world.card_payment(p, 4_580, CLINIC)
+        send = partial(world.svc.settle, CLINIC)
+    snap = world.pending_free_snapshot()
+    monkeypatch.setattr(cards, "authorise", authorise_then_blocked)
+    monkeypatch.setattr(ledger, "run_hooks", fails)
+    with pytest.raises(Unavailable) as first:
+        send(dict(req))
+    assert (first.value.code, first.value.status) == ("database_unavailable", 503)
+    assert "card_blocked" in first.value.detail
+    assert nothing_moved(snap, world.pending_free_snapshot())
