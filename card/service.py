@@ -332,6 +332,25 @@ def qr_pan(payload: str) -> str:
         raise Invalid("qr_payload_malformed", str(exc)) from None
 
 
+def _counter_sql(name: str, *, active_only: bool) -> str:
+    """``PREPARE name (pans text[], atcs int[])``: the counters' compare-and-set for a batch
+    (``last_atc < atc``; with ``active_only`` the card must also be active), refusing
+    (:data:`ledger.db.HOOK_REFUSED`) unless every one of them was accepted."""
+    status = " AND c.status = 'active'" if active_only else ""
+    return f"""
+PREPARE {name} (text[], int[]) AS
+WITH u AS (
+    UPDATE cards c SET last_atc = x.atc
+    FROM unnest($1, $2) AS x(pan, atc)
+    WHERE c.pan = x.pan AND c.pan = ANY($1){status} AND (c.last_atc IS NULL OR c.last_atc < x.atc)
+    RETURNING 1
+)
+SELECT CASE WHEN (SELECT count(*) FROM u) = cardinality($1) THEN 0
+            ELSE CAST('{HOOK_REFUSED}card counter already used; accepted ' || (SELECT count(*) FROM u) AS int)
+       END
+"""
+
+
 class AdvanceCounter(BatchedHook):
     """A ledger hook accepting card ``pan``'s ATC ``atc`` in the transaction of the entry that
     pays with it: a compare-and-set (``last_atc < atc``, card active) for every card paying in a
@@ -346,35 +365,25 @@ class AdvanceCounter(BatchedHook):
         self.atc = int(atc)
 
     merge_key = "cards"
-    pg_prepared = {"card_advance_atcs_v1": f"""
-PREPARE card_advance_atcs_v1 (text[], int[]) AS
-WITH u AS (
-    UPDATE cards c SET last_atc = x.atc
-    FROM unnest($1, $2) AS x(pan, atc)
-    WHERE c.pan = x.pan AND c.pan = ANY($1) AND c.status = 'active' AND (c.last_atc IS NULL OR c.last_atc < x.atc)
-    RETURNING 1
-)
-SELECT CASE WHEN (SELECT count(*) FROM u) = cardinality($1) THEN 0
-            ELSE CAST('{HOOK_REFUSED}card counter already used; accepted ' || (SELECT count(*) FROM u) AS int)
-       END
-"""}
+    #: whether the compare-and-set also requires the card to be active
+    active_only = True
+    statement = "card_advance_atcs_v1"
+    pg_prepared = {statement: _counter_sql(statement, active_only=True)}
 
     @classmethod
     def pg_sql(cls, hooks: list) -> str:
         from ledger.store_pg import int_array, text_array
 
-        return f"EXECUTE card_advance_atcs_v1({text_array([h.pan for h in hooks])}, {int_array([h.atc for h in hooks])}); "
+        return f"EXECUTE {cls.statement}({text_array([h.pan for h in hooks])}, {int_array([h.atc for h in hooks])}); "
 
     @classmethod
     def run_sa(cls, conn, hooks: list) -> None:
         for h in hooks:
-            done = conn.execute(update(cards).where(cards.c.pan == h.pan, cards.c.status == "active",
-                                                    (cards.c.last_atc.is_(None)) | (cards.c.last_atc < h.atc))
-                                .values(last_atc=h.atc)).rowcount
-            if done != 1:
+            q = update(cards).where(cards.c.pan == h.pan, (cards.c.last_atc.is_(None)) | (cards.c.last_atc < h.atc))
+            if cls.active_only:
+                q = q.where(cards.c.status == "active")
+            if conn.execute(q.values(last_atc=h.atc)).rowcount != 1:
                 raise HookRefused(f"card {h.pan}: ATC {h.atc} already used")
-
-
 
 
 class SpendCounter(AdvanceCounter):
@@ -387,30 +396,6 @@ class SpendCounter(AdvanceCounter):
 
     __slots__ = ()
     merge_key = "cards_spent"
-    pg_prepared = {"card_spend_atcs_v1": f"""
-PREPARE card_spend_atcs_v1 (text[], int[]) AS
-WITH u AS (
-    UPDATE cards c SET last_atc = x.atc
-    FROM unnest($1, $2) AS x(pan, atc)
-    WHERE c.pan = x.pan AND c.pan = ANY($1) AND (c.last_atc IS NULL OR c.last_atc < x.atc)
-    RETURNING 1
-)
-SELECT CASE WHEN (SELECT count(*) FROM u) = cardinality($1) THEN 0
-            ELSE CAST('{HOOK_REFUSED}card counter already used; accepted ' || (SELECT count(*) FROM u) AS int)
-       END
-"""}
-
-    @classmethod
-    def pg_sql(cls, hooks: list) -> str:
-        from ledger.store_pg import int_array, text_array
-
-        return f"EXECUTE card_spend_atcs_v1({text_array([h.pan for h in hooks])}, {int_array([h.atc for h in hooks])}); "
-
-    @classmethod
-    def run_sa(cls, conn, hooks: list) -> None:
-        for h in hooks:
-            done = conn.execute(update(cards).where(cards.c.pan == h.pan,
-                                                    (cards.c.last_atc.is_(None)) | (cards.c.last_atc < h.atc))
-                                .values(last_atc=h.atc)).rowcount
-            if done != 1:
-                raise HookRefused(f"card {h.pan}: ATC {h.atc} already used")
+    active_only = False
+    statement = "card_spend_atcs_v1"
+    pg_prepared = {statement: _counter_sql(statement, active_only=False)}

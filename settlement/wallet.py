@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, select
 
 from card.service import CardService, qr_pan
 from ledger.db import HookRefused

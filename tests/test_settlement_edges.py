@@ -37,6 +37,32 @@ from tests.test_settlement_flows import CLINIC, make_world, nothing_moved
 MERCHANT = TerminalContext("TM000001", "M00000000009", "merchant")
 
 
+def card_request(world, p, where: str, method: str = "card", *, merchant_fen: int = 300,
+                 qr_atc: int = 900) -> tuple[dict, object]:
+    """``(request, send)``: a request that person ``p``'s card pays ``where`` — at the
+    merchant, a payment of ``merchant_fen``; at the clinic, the settlement of a 45.80-yuan
+    class C visit (4580 fen from the wallet) — by ``method``: a fresh ARQC of the card
+    ("card") or a QR code of the virtual card with counter ``qr_atc`` ("qr");
+    ``send(request)`` submits it."""
+    import random
+
+    from simulators.cards import VirtualCardApp
+
+    def payment_for(amount_fen: int, ctx) -> dict:
+        if method == "card":
+            return world.card_payment(p, amount_fen, ctx)
+        app = VirtualCardApp(issuer_mk=world.c.keys.issuer_mk, pan=p.pan, psn="01", atc=qr_atc)
+        return {"method": "qr", "payload": app.make_qr(world.clock() // 1_000_000, random.Random(qr_atc))}
+
+    if where == "merchant":
+        return ({"msgid": f"P{world.next():012d}", "amount_fen": merchant_fen,
+                 "payment": payment_for(merchant_fen, MERCHANT)}, partial(world.c.wallet.pay, MERCHANT))
+    payment = payment_for(4_580, CLINIC)
+    req = world.visit(p, world.bill(("C", "45.80", "1")), method=payment["method"])
+    req["payment"] = payment
+    return req, partial(world.svc.settle, CLINIC)
+
+
 @pytest.fixture
 def world(db_url, tmp_path):
     with make_world(db_url, tmp_path) as w:
@@ -497,12 +523,9 @@ def test_a_card_blocked_after_its_cryptogram_was_checked_pays_nothing(world, mon
     nothing moves, no payment or settlement row is written and the answer is ``card_blocked``.
     Before, a merchant payment (and any QR payment) spent the counter in a transaction of its
     own first, and the posting after it paid from the blocked card."""
-    import random
-
     from sqlalchemy import func, select
 
     from settlement.schema import payments, settlements
-    from simulators.cards import VirtualCardApp
 
     p = world.add_person(personal_fen=0, wallet_fen=100_000)
     cards = world.c.cards
@@ -513,19 +536,7 @@ def test_a_card_blocked_after_its_cryptogram_was_checked_pays_nothing(world, mon
         cards.set_status(p.pan, "blocked")  # committed while the request is between the two steps
         return auth
 
-    def payment(amount_fen: int, ctx) -> dict:
-        if method == "card":
-            return world.card_payment(p, amount_fen, ctx)
-        app = VirtualCardApp(issuer_mk=world.c.keys.issuer_mk, pan=p.pan, psn="01", atc=900)
-        return {"method": "qr", "payload": app.make_qr(world.clock() // 1_000_000, random.Random(3))}
-
-    if where == "merchant":
-        req = {"msgid": f"P{world.next():012d}", "amount_fen": 300, "payment": payment(300, MERCHANT)}
-        send = partial(world.c.wallet.pay, MERCHANT)
-    else:
-        req = world.visit(p, world.bill(("C", "45.80", "1")), method=method)
-        req["payment"] = payment(4_580, CLINIC)
-        send = partial(world.svc.settle, CLINIC)
+    req, send = card_request(world, p, where, method)
     snap = world.pending_free_snapshot()
     monkeypatch.setattr(cards, "authorise", authorise_then_blocked)
     with pytest.raises(Rejected) as exc:
@@ -561,12 +572,9 @@ def test_a_payment_failed_by_the_database_after_the_card_authorised_completes_wh
     before anything was posted: the terminal's query by msgid finds nothing, and the same
     request sent again — same cryptogram, same QR code — pays, once. Before, the counter was
     spent on its own after the failure and the resend answered atc_replayed (reviewer, session 6)."""
-    import random
-
     import psycopg
 
     from ledger.db import is_database_unavailable
-    from simulators.cards import VirtualCardApp
 
     p = world.add_person(personal_fen=0, wallet_fen=100_000)
     service = world.c.wallet if where == "merchant" else world.svc
@@ -579,20 +587,8 @@ def test_a_payment_failed_by_the_database_after_the_card_authorised_completes_wh
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         return real_submit(*args, **kwargs)
 
-    amount = 300 if where == "merchant" else 4_580
-    ctx = MERCHANT if where == "merchant" else CLINIC
-    if method == "card":
-        payment = world.card_payment(p, amount, ctx)
-    else:
-        app = VirtualCardApp(issuer_mk=world.c.keys.issuer_mk, pan=p.pan, psn="01", atc=950)
-        payment = {"method": "qr", "payload": app.make_qr(world.clock() // 1_000_000, random.Random(4))}
-    if where == "merchant":
-        req = {"msgid": f"P{world.next():012d}", "amount_fen": amount, "payment": payment}
-        send = partial(world.c.wallet.pay, MERCHANT)
-    else:
-        req = world.visit(p, world.bill(("C", "45.80", "1")), method=method)
-        req["payment"] = payment
-        send = partial(world.svc.settle, CLINIC)
+    req, send = card_request(world, p, where, method, qr_atc=950)
+    amount = req["amount_fen"] if where == "merchant" else 4_580
     monkeypatch.setattr(service, "submit", submit_fails_once)
     snap = world.pending_free_snapshot()
     with pytest.raises(Exception) as first:
@@ -694,13 +690,7 @@ def test_a_refusal_that_could_not_be_recorded_is_answered_503_and_decided_again(
     def fails(*_args, **_kwargs):
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-    if where == "merchant":
-        req = {"msgid": f"P{world.next():012d}", "amount_fen": 5_000, "payment": world.card_payment(p, 5_000, MERCHANT)}
-        send = partial(world.c.wallet.pay, MERCHANT)
-    else:
-        req = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
-        req["payment"] = world.card_payment(p, 4_580, CLINIC)
-        send = partial(world.svc.settle, CLINIC)
+    req, send = card_request(world, p, where, merchant_fen=5_000)
     snap = world.pending_free_snapshot()
     monkeypatch.setattr(ledger, "run_hooks", fails)
     with pytest.raises(Unavailable) as first:
@@ -756,13 +746,7 @@ def test_a_card_blocked_while_its_refusal_is_recorded_keeps_the_refusal(world, m
         world.c.cards.set_status(p.pan, "blocked")
         return outcome
 
-    if where == "merchant":
-        req = {"msgid": f"P{world.next():012d}", "amount_fen": 4_580, "payment": world.card_payment(p, 4_580, MERCHANT)}
-        send = partial(world.c.wallet.pay, MERCHANT)
-    else:
-        req = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
-        req["payment"] = world.card_payment(p, 4_580, CLINIC)
-        send = partial(world.svc.settle, CLINIC)
+    req, send = card_request(world, p, where, merchant_fen=4_580)
     monkeypatch.setattr(service, "submit", submit_then_block)
     with pytest.raises(Rejected) as first:
         send(dict(req))
@@ -798,13 +782,7 @@ def test_a_blocked_cards_refusal_that_could_not_be_recorded_is_answered_503(worl
     def fails(*_args, **_kwargs):
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-    if where == "merchant":
-        req = {"msgid": f"P{world.next():012d}", "amount_fen": 300, "payment": world.card_payment(p, 300, MERCHANT)}
-        send = partial(world.c.wallet.pay, MERCHANT)
-    else:
-        req = world.visit(p, world.bill(("C", "45.80", "1")), method="card")
-        req["payment"] = world.card_payment(p, 4_580, CLINIC)
-        send = partial(world.svc.settle, CLINIC)
+    req, send = card_request(world, p, where)
     snap = world.pending_free_snapshot()
     monkeypatch.setattr(cards, "authorise", authorise_then_blocked)
     monkeypatch.setattr(ledger, "run_hooks", fails)
