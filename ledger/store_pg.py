@@ -373,7 +373,9 @@ def hot_connection(engine: Engine) -> Iterator[tuple]:
     every hot connection is busy — its per-session ``info`` dict (to remember which statements
     it has prepared, see :func:`ensure_prepared`), and the text that starts a ledger transaction
     on it (the hot ones carry the planner settings for the session, a borrowed one per
-    transaction). A connection left broken or in a transaction is dropped, never reused."""
+    transaction). A connection left broken or in a transaction is dropped, never reused. A
+    borrowed connection's record of prepared statements is forgotten first (SQLAlchemy's use
+    of it may have dropped them), so :func:`ensure_prepared` checks them again."""
     pool = HotPool.of(engine)
     held = pool.get()
     if held is not None:
@@ -386,6 +388,10 @@ def hot_connection(engine: Engine) -> Iterator[tuple]:
     try:
         raw = fairy.driver_connection
         raw.autocommit = True
+        # Used by SQLAlchemy since we last had it, the connection may have lost our prepared
+        # statements: psycopg answers a ROLLBACK after an error with DEALLOCATE ALL. Check them
+        # again (one query, only on this path: every hot connection busy).
+        forget_all_prepared(fairy.info)
         try:
             yield raw, fairy.info, _BEGIN
         finally:

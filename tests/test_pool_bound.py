@@ -99,3 +99,33 @@ def test_a_pool_busy_past_its_timeout_is_database_unavailable_and_opens_nothing(
         assert watch.peak == 1
     finally:
         engine.dispose()
+
+
+def test_a_borrowed_connection_checks_its_prepared_statements_again(pg_url):
+    """Every hot connection busy, the hot path borrows a pooled one, which SQLAlchemy uses in
+    between: after an error and a ROLLBACK there, psycopg drops every prepared statement
+    (DEALLOCATE ALL). The next borrow checks them again instead of failing with "prepared
+    statement does not exist" (26000) — seen once in a 64-cashier benchmark run, where the
+    bounded pool made borrowing common."""
+    from sqlalchemy import text
+
+    from ledger.store_pg import HotPool, ensure_prepared, execute, hot_connection
+
+    engine = make_engine(pg_url, pool_size=1)
+    pool = HotPool.of(engine)
+    held = pool.get()  # the only hot connection: the hot path now borrows the pooled one
+    statements = {"pool_probe_v1": "PREPARE pool_probe_v1 (int) AS SELECT $1 + 1"}
+    try:
+        for _ in range(2):
+            with hot_connection(engine) as (raw, info, _begin):
+                ensure_prepared(raw, info, statements)
+                assert execute(raw, "EXECUTE pool_probe_v1(1)")[-1].get_value(0, 0) == b"2"
+            with engine.connect() as conn:  # SQLAlchemy's own use: an error, then ROLLBACK
+                for i in range(6):  # often enough for psycopg to prepare it itself
+                    conn.execute(text("SELECT CAST(:x AS int) + 0"), {"x": i}).scalar()
+                with pytest.raises(sa_exc.DataError):
+                    conn.execute(text("SELECT 1/0")).scalar()
+                conn.rollback()
+    finally:
+        pool.put(held)
+        engine.dispose()
