@@ -325,6 +325,15 @@ def is_admission_closed(exc: BaseException) -> bool:
     return isinstance(exc, HookRefused) and str(exc).startswith(ADMISSION_CLOSED)
 
 
+def _entry_legs(entry) -> list[tuple[str, str, int]]:
+    """The legs (debit, credit, amount fen) a settlement's ledger ``entry`` posted for it — after
+    the reversed legs, in a refund's entry (``legs_from``); none for no entry (nothing moved)."""
+    if entry is None:
+        return []
+    start = int(entry.metadata.get("legs_from", 0))
+    return [(t["debit"], t["credit"], t["amount_fen"]) for t in entry.transfers[start:]]
+
+
 def undo_key(setl_id: str) -> str:
     """The ledger entry key of whatever undoes settlement ``setl_id`` — its cancellation or its
     partial refund. One key for both, so a settlement is undone at most once, whichever comes
@@ -707,6 +716,7 @@ class SettlementService:
         names = self._accounts_for(citizen, year, visit.mdtrt_id, policy)
         payable = chart.clinic_payable(ctx.org_code)
         self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
+        digest = self.policies.book_for(year).digest  # recorded with the entry: which book split it
         business_date = self.days.current()
         entry_key = settlement_key(ctx.org_code, visit)
         setl_id = derived_id("S", entry_key)
@@ -782,10 +792,10 @@ class SettlementService:
             entry = EntrySpec(
                 key=entry_key, kind="settlement",
                 transfers=tuple(TransferSpec(f"{entry_key}/{i}", d, c, a) for i, (d, c, a) in enumerate(legs)),
-                metadata=({"setl_id": setl_id, "legs_from": 0, ADMISSION_NO: state.admissions_ytd + 1,
-                           POLICY_DIGEST: self.policies.book_for(year).digest}
+                metadata=({"setl_id": setl_id, "legs_from": 0, POLICY_DIGEST: digest,
+                           ADMISSION_NO: state.admissions_ytd + 1}
                           if policy.is_inpatient and not visit.interim else
-                          {"setl_id": setl_id, "legs_from": 0, POLICY_DIGEST: self.policies.book_for(year).digest}),
+                          {"setl_id": setl_id, "legs_from": 0, POLICY_DIGEST: digest}),
                 assertions=tuple(BalanceAssertion(names[k], n) for k, n in net.items()))
             hook = (DayOpen(business_date), InsertRows(settlements, [row]))
             try:
@@ -1018,11 +1028,8 @@ class SettlementService:
         return row
 
     def _own_legs(self, row) -> list[tuple[str, str, int]]:
-        entry = self.ledger.entry(row.entry_key)
-        if entry is None:
-            return []
-        start = int(entry.metadata.get("legs_from", 0))
-        return [(t["debit"], t["credit"], t["amount_fen"]) for t in entry.transfers[start:]]
+        """The legs settlement ``row``'s ledger entry posted for it (:func:`_entry_legs`)."""
+        return _entry_legs(self.ledger.entry(row.entry_key))
 
     def cancel(self, ctx: TerminalContext, setl_id: str, req: dict) -> dict:
         """NHSA 2208/2305: reverse a settlement exactly, once. Returns the cancellation document
@@ -1073,7 +1080,7 @@ class SettlementService:
 
         return book_on_open_day(self.days, book)
 
-    def _same_policy_book(self, orig) -> str:
+    def _same_policy_book(self, orig, entry) -> str:
         """The digest of the policy book of ``orig``'s insurance year, as loaded now. Raises
         Conflict ``policy_changed`` when ``orig`` was split by another text of that year's
         book (it was corrected and reloaded since): a partial refund re-splits the remaining
@@ -1081,9 +1088,8 @@ class SettlementService:
         same rules — with other ratios or deductibles the fund or the patient would be paid a
         difference of rules, not of lines. The clinic cancels (exact, whatever the book) and
         settles the remaining lines anew. A settlement recorded before digests were (or that
-        posted no entry) is not checked."""
+        posted no ``entry``: its ledger entry, or None) is not checked."""
         book = self.policies.book_for(orig.insu_year)
-        entry = self.ledger.entry(orig.entry_key)
         split_by = entry.metadata.get(POLICY_DIGEST) if entry is not None else None
         if split_by is not None and split_by != book.digest:
             raise Conflict("policy_changed", f"settlement {orig.setl_id} was split by another text of the "
@@ -1091,14 +1097,14 @@ class SettlementService:
                            f"{book.digest}): cancel it and settle the remaining lines anew")
         return book.digest
 
-    def _admission_ordinal(self, orig, names: dict[str, str]) -> int:
+    def _admission_ordinal(self, orig, names: dict[str, str], entry) -> int:
         """Which admission of the insurance year the final settlement ``orig`` closed (1 for the
         first), as its ledger entry's metadata records it (``admission_no``, written by the
         settlement and carried by every refund re-split of it). A partial refund re-splits the
         admission as that one (the 2nd and later admissions of a year bear a reduced
         deductible), not as the count of admissions closed by now. An entry written before
-        the metadata carried it: the person's admissions accumulator as of that entry."""
-        entry = self.ledger.entry(orig.entry_key)
+        the metadata carried it: the person's admissions accumulator as of that ``entry`` (its
+        ledger entry)."""
         if ADMISSION_NO in entry.metadata:
             return int(entry.metadata[ADMISSION_NO])
         count = self.ledger.balance(names["admissions"], as_of_us=entry.ts_us)
@@ -1203,16 +1209,17 @@ class SettlementService:
             return done
         citizen = self.cards.citizen(orig.psn_no)
         policy = self._policy(ctx, citizen, orig.med_type, orig.insu_year)
-        digest = self._same_policy_book(orig)
+        orig_entry = self.ledger.entry(orig.entry_key)
+        digest = self._same_policy_book(orig, orig_entry)
         info0 = json.loads(orig.setlinfo)
         names = self._accounts_for(citizen, orig.insu_year, orig.mdtrt_id, policy)
         payable = chart.clinic_payable(ctx.org_code)
         self.accounts.ensure(list(names.values()) + [payable, chart.MEMO_CONTRA])
-        old_legs = self._own_legs(orig)
+        old_legs = _entry_legs(orig_entry)
         inpatient = policy.is_inpatient
         # An interim (中途) inpatient settlement has no admissions leg; its refund stays interim.
         interim = is_interim_batch(orig, old_legs, names["admissions"])
-        ordinal = self._admission_ordinal(orig, names) if inpatient and not interim else 0
+        ordinal = self._admission_ordinal(orig, names, orig_entry) if inpatient and not interim else 0
         key = undo_key(setl_id)
         new_id = derived_id("S", key)
         visit = Visit(msgid, orig.mdtrt_id, (RESERVED_CHAR + "R" + new_id)[:ID_CHARS_MAX], orig.psn_no, orig.med_type, interim,
